@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create the virtualenv when it
+# is missing (or when requirements.txt changed) and install the pinned requirements into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The venv's bin first on PATH: DeepSpeed's JIT ops are rebuilt whenever a different ninja is found.
+RUN := PATH=$(abspath $(VENV))/bin:$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@echo "pre-building DeepSpeed's CPU shared-memory comm op (once, ~30 s)"
+	$(RUN) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+	touch $@
+
+test: venv
+	$(RUN) $(PY) -m pytest -q tests
+
+test-fast: venv
+	$(RUN) $(PY) -m pytest -q tests/unit
+
+demo: venv
+	$(RUN) bash launch/demo.sh
+
+clean:
+	rm -rf runs/demo
