@@ -1,0 +1,90 @@
+"""The dual encoder. Attribute (and so state-dict) names follow Chinese-CLIP: `visual` (OpenAI ViT layout),
+`bert` (BertModel without pooler), `text_projection` [text_hidden, embed_dim], `logit_scale`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import BertConfig
+
+from .config import load_text_config, load_vision_config
+from .text import build_bert, cls_hidden, set_bert_checkpointing
+from .vit import VisionConfig, VisionTransformer
+
+# CLIP's temperature: logits = exp(logit_scale) * cosine, starting at 1/0.07 and never above 100.
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = 100.0
+PAD_ID = 0
+
+
+class CLIP(nn.Module):
+    def __init__(self, vision: VisionConfig, text: BertConfig, grad_checkpointing: bool = False):
+        super().__init__()
+        self.vision_config = vision
+        self.visual = VisionTransformer(vision)
+        self.bert = build_bert(text)
+        self.text_projection = nn.Parameter(torch.empty(text.hidden_size, vision.embed_dim))
+        nn.init.normal_(self.text_projection, std=text.hidden_size ** -0.5)
+        # Shape [1], not a 0-dim scalar: DeepSpeed 0.19.8 cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full([1], LOGIT_SCALE_INIT))
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @property
+    def text_config(self) -> BertConfig:
+        return self.bert.config
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vision_config.embed_dim
+
+    @property
+    def image_resolution(self) -> int:
+        return self.vision_config.image_resolution
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block's activations in backward (both towers)."""
+        self.visual.set_grad_checkpointing(enabled)
+        set_bert_checkpointing(self.bert, enabled)
+
+    def freeze_image_tower(self) -> None:
+        for p in self.visual.parameters():
+            p.requires_grad_(False)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """pixels: float [B, 3, R, R], already normalised with the image mean/std -> [B, embed_dim]."""
+        feats = self.visual(pixels)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """input_ids: long [B, L] starting with [CLS], padded with 0 -> [B, embed_dim]."""
+        if attention_mask is None:
+            attention_mask = input_ids.ne(PAD_ID)
+        hidden = cls_hidden(self.bert, input_ids, attention_mask.long())
+        feats = hidden @ self.text_projection.to(hidden.dtype)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped to at most 100; shape [1]."""
+        return self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text(input_ids, attention_mask),
+            "logit_scale": self.scale(),
+        }
+
+
+def build_clip(vision: Union[str, Path, VisionConfig] = "ViT-B-16",
+               text: Union[str, Path, BertConfig] = "RoBERTa-wwm-ext-base-chinese",
+               grad_checkpointing: bool = False, vocab_size: Optional[int] = None) -> CLIP:
+    """Build a randomly initialised CLIP from config names (models/configs/) or JSON paths.
+    vocab_size overrides the text config's (a tokenizer with a smaller vocabulary)."""
+    return CLIP(load_vision_config(vision), load_text_config(text, vocab_size=vocab_size),
+                grad_checkpointing=grad_checkpointing)
