@@ -15,6 +15,17 @@ from typing import Any, Dict, Iterator, Tuple, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _new_temp(path: Path, suffix: str) -> str:
+    """An empty temporary sibling of `path`. mkstemp creates it 0600; give it the permissions a plain
+    open() would (0666 less the umask), since it becomes the user's data file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return tmp
+
+
 class InputError(ValueError):
     """Bad user input; the message names the file and line (or id) to fix."""
 
@@ -25,8 +36,7 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
     on an exception it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
+    tmp = _new_temp(path, ".tmp")
     try:
         kwargs = {} if "b" in mode else {"encoding": encoding}
         with open(tmp, mode, **kwargs) as f:
@@ -46,8 +56,7 @@ def atomic_path(path: PathLike):
     it is renamed to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=str(path.parent))
-    os.close(fd)
+    tmp = _new_temp(path, ".tmp" + path.suffix)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
