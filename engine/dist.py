@@ -149,6 +149,26 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+@torch.no_grad()
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order; row counts may differ between ranks (feature
+    shards, per-rank top-k lists). The result is on the input's device; on NCCL a CPU tensor makes
+    the trip through this rank's GPU, since NCCL only moves device memory."""
+    if world_size() == 1:
+        return tensor
+    home = tensor.device
+    comm = torch.device("cuda", local_rank()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    t = tensor.to(comm).contiguous()
+    counts = all_gather_no_grad(torch.tensor([t.shape[0]], dtype=torch.int64, device=comm)).tolist()
+    longest = max(counts)
+    if longest == 0:
+        return tensor
+    if t.shape[0] < longest:
+        t = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
+    parts = all_gather_no_grad(t).split(longest)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(home)
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     """Every rank's picklable object, in rank order. Only our own ranks' objects are unpickled."""
     if world_size() == 1:

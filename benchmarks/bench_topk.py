@@ -1,0 +1,197 @@
+"""Exact top-k benchmark: our blocked search vs faiss IndexFlatIP vs the machine's matmul limit.
+
+  python benchmarks/bench_topk.py                       # 5k x 30k and 20k x 100k, D=512, fp32
+  python benchmarks/bench_topk.py --large 100000 1000000 # + the streamed CLI run with its peak RSS
+
+The matmul limit is measured in the same run: the best GFLOP/s of a bare fp32 GEMM (numpy/OpenBLAS
+and torch/MKL, at our block shape, 4096x4096 and 2048x16384, x D); time_limit = 2*Q*N*D / that. faiss is optional
+(pip install -r benchmarks/requirements.txt); without it its columns say "n/a". Each timing is
+the best of --repeats runs, interleaved so that load from other processes hits all alike.
+"""
+import argparse
+import os
+import sys
+
+THREADS_DEFAULT = 2
+
+
+def _threads_from_argv() -> int:
+    # BLAS thread pools are sized when numpy/torch load: decide before importing them.
+    if "--threads" in sys.argv:
+        return int(sys.argv[sys.argv.index("--threads") + 1])
+    return THREADS_DEFAULT
+
+
+_T = str(_threads_from_argv())
+os.environ["OMP_NUM_THREADS"] = _T
+os.environ["OPENBLAS_NUM_THREADS"] = _T
+os.environ["MKL_NUM_THREADS"] = _T
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from engine.features import ArraySource, save_features, shard_name  # noqa: E402
+from engine.retrieval import plan_blocks, search  # noqa: E402
+
+try:
+    import faiss  # noqa: E402
+except ImportError:  # benchmark-only dependency
+    faiss = None
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_gflops(m: int, n: int, d: int, repeats: int) -> dict:
+    """Bare fp32 GEMM throughput at one block shape, numpy and torch."""
+    rng = np.random.default_rng(0)
+    a, b = unit_rows(rng, m, d), unit_rows(rng, n, d)
+    out = np.empty((m, n), np.float32)
+    ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+    flops = 2.0 * m * n * d
+    np.matmul(a, b.T, out=out)
+    torch.mm(ta, tb.T, out=tout)
+    return {"numpy": flops / best_of(lambda: np.matmul(a, b.T, out=out), repeats) / 1e9,
+            "torch": flops / best_of(lambda: torch.mm(ta, tb.T, out=tout), repeats) / 1e9}
+
+
+def run_case(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: dict) -> dict:
+    rng = np.random.default_rng(1)
+    q, x = unit_rows(rng, n_q, dim), unit_rows(rng, n_img, dim)
+    src = ArraySource(np.arange(n_img), x)
+    plan = plan_blocks(n_q, n_img, dim, k, **plan_args)
+    flops = 2.0 * n_q * n_img * dim
+    ours_t, faiss_t, gemm = float("inf"), float("inf"), {"numpy": 0.0, "torch": 0.0}
+    index = None
+    if faiss is not None:
+        index = faiss.IndexFlatIP(dim)
+        index.add(x)
+    result = None
+    shapes = {(plan.query_chunk, plan.image_block), (4096, 4096), (2048, 16384)}
+    for _ in range(repeats):  # interleaved, best of each
+        for m, n in shapes:  # the limit: the best GEMM rate at any of these shapes
+            g = gemm_gflops(m, n, dim, 1)
+            gemm = {key: max(gemm[key], g[key]) for key in g}
+        t = time.perf_counter()
+        result = search(q, src, k, plan)
+        ours_t = min(ours_t, time.perf_counter() - t)
+        if index is not None:
+            t = time.perf_counter()
+            _, fi = index.search(q, k)
+            faiss_t = min(faiss_t, time.perf_counter() - t)
+    limit_gflops = max(gemm.values())
+    out = {"queries": n_q, "images": n_img, "dim": dim, "k": k, "plan": [plan.query_chunk, plan.image_block],
+           "ours_s": ours_t, "ours_gflops": flops / ours_t / 1e9,
+           "gemm_gflops_numpy": gemm["numpy"], "gemm_gflops_torch": gemm["torch"],
+           "limit_s": flops / limit_gflops / 1e9, "fraction_of_matmul_limit": flops / limit_gflops / 1e9 / ours_t}
+    if index is not None:
+        # Random unit vectors have no ties, so the id sets must agree (up to ~1 ulp reorderings).
+        agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(result[1].numpy(), fi)]))
+        out.update(faiss_s=faiss_t, faiss_over_ours=faiss_t / ours_t, faiss_agreement=agree,
+                   faiss_fraction_of_matmul_limit=flops / limit_gflops / 1e9 / faiss_t)
+    return out
+
+
+def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows: int,
+              max_memory_mb: float) -> dict:
+    """Write n_img image features as npz shards on disk, then time launch/retrieve.py streaming
+    them, and read its peak RSS (a child process, so this process's arrays do not count)."""
+    rng = np.random.default_rng(2)
+    img_dir = workdir / "img"
+    n_shards = -(-n_img // shard_rows)
+    t = time.perf_counter()
+    for s in range(n_shards):
+        a, b = s * shard_rows, min(n_img, (s + 1) * shard_rows)
+        save_features(img_dir / shard_name(s, n_shards), np.arange(a, b), unit_rows(rng, b - a, dim))
+    save_features(workdir / "txt.npz", np.arange(n_q), unit_rows(rng, n_q, dim))
+    gen_s = time.perf_counter() - t
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "launch/retrieve.py"), "--image-feats", str(img_dir), "--text-feats",
+           str(workdir / "txt.npz"), "--top-k", str(k), "--output", str(workdir / "pred.jsonl"),
+           "--max-memory-mb", str(max_memory_mb), "--no-progress"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout + proc.stderr)
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"queries": n_q, "images": n_img, "dim": dim, "k": k, "shards": n_shards,
+            "max_memory_mb": max_memory_mb, "cli_wall_s": wall,
+            "gflops": 2.0 * n_q * n_img * dim / wall / 1e9,
+            "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None, "data_gen_s": gen_s,
+            "cli_output": proc.stdout.strip()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=THREADS_DEFAULT, help="BLAS/torch/faiss threads")
+    p.add_argument("--sizes", nargs="*", default=["5000x30000", "20000x100000"],
+                   help="QxN cases (none: only --large)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--large", type=int, nargs=2, metavar=("Q", "N"), default=None,
+                   help="also run launch/retrieve.py on Q x N streamed from disk (e.g. 100000 1000000)")
+    p.add_argument("--large-shard-rows", type=int, default=100_000)
+    p.add_argument("--max-memory-mb", type=float, default=2048)
+    p.add_argument("--query-chunk", type=int, default=None, help="override the planned block sizes")
+    p.add_argument("--image-block", type=int, default=None)
+    p.add_argument("--group", type=int, default=None)
+    p.add_argument("--workdir", default=None, help="where --large writes its features (default: a temp dir)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args()
+
+    torch.set_num_threads(a.threads)
+    if faiss is not None:
+        faiss.omp_set_num_threads(a.threads)
+    print(f"threads {a.threads}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"faiss {faiss.__version__ if faiss else 'not installed'}", flush=True)
+    results = {"threads": a.threads, "cases": [], "large": None}
+    for size in a.sizes:
+        n_q, n_img = (int(v) for v in size.lower().split("x"))
+        plan_args = {key: v for key, v in (("query_chunk", a.query_chunk), ("image_block", a.image_block),
+                                            ("group", a.group), ("max_memory_mb", a.max_memory_mb)) if v}
+        r = run_case(n_q, n_img, a.dim, a.k, a.repeats, plan_args)
+        results["cases"].append(r)
+        faiss_part = (f" | faiss {r['faiss_s']:.3f}s ({r['faiss_fraction_of_matmul_limit']:.2f} of limit), "
+                      f"faiss/ours time {r['faiss_over_ours']:.2f}, id agreement {r['faiss_agreement']:.4f}"
+                      if "faiss_s" in r else " | faiss n/a")
+        print(f"{n_q} x {n_img} x {a.dim}: ours {r['ours_s']:.3f}s = {r['ours_gflops']:.0f} GFLOP/s, "
+              f"{r['fraction_of_matmul_limit']:.2f} of the matmul limit ({r['limit_s']:.3f}s at "
+              f"max(numpy {r['gemm_gflops_numpy']:.0f}, torch {r['gemm_gflops_torch']:.0f}) GFLOP/s)"
+              + faiss_part, flush=True)
+    if a.large:
+        with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+            r = run_large(a.large[0], a.large[1], a.dim, a.k, Path(tmp), a.large_shard_rows, a.max_memory_mb)
+        results["large"] = r
+        print(f"streamed CLI {r['queries']} x {r['images']} x {a.dim} from {r['shards']} npz shards: "
+              f"{r['cli_wall_s']:.1f}s ({r['gflops']:.0f} GFLOP/s end to end incl. loading), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB with --max-memory-mb {r['max_memory_mb']:.0f}", flush=True)
+    print(f"this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

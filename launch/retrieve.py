@@ -1,0 +1,69 @@
+"""Exact text-to-image top-k over feature files, written as MUGE predictions.
+
+  python launch/retrieve.py --image-feats OUT/image_feats --text-feats OUT/text_feats \
+      --top-k 10 --output pred.jsonl
+  torchrun --nproc_per_node 2 launch/retrieve.py ...   (or deepspeed --num_gpus 2 ...)
+
+Features: an .npz (ids, feats), a folder of .npz shards, or MUGE jsonl. Image features are
+streamed in blocks (--max-memory-mb bounds the working set); with several ranks each takes a
+share of the image blocks and rank 0 writes the merged result. Ties go to the lower image row.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.files import InputError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-feats", required=True, help="image features: .npz, folder of .npz, or .jsonl")
+    p.add_argument("--text-feats", required=True, help="query features: .npz, folder of .npz, or .jsonl")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--output", required=True, help="prediction jsonl to write")
+    p.add_argument("--max-memory-mb", type=float, default=2048,
+                   help="bound on queries + results + working buffers (process RSS adds ~0.5 GB)")
+    p.add_argument("--query-chunk", type=int, default=None, help="queries per matmul (default: from the budget)")
+    p.add_argument("--image-block", type=int, default=None, help="image rows per block (default: from the budget)")
+    p.add_argument("--device", default="auto", help="auto (this rank's GPU if any), cpu or cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from engine import dist
+    from engine.features import load_features, open_features
+    from engine.retrieval import distributed_search, plan_blocks, rows_to_ids, write_predictions
+
+    dist.init_distributed(use_deepspeed=False)
+    try:
+        t0 = time.perf_counter()
+        device = dist.device() if a.device == "auto" else torch.device(a.device)
+        images = open_features(a.image_feats)
+        q_ids, q_feats = load_features(a.text_feats)
+        plan = plan_blocks(len(q_ids), len(images), images.dim, a.top_k, a.max_memory_mb,
+                           a.query_chunk, a.image_block)
+        _, rows = distributed_search(q_feats, images, a.top_k, plan, device=device,
+                                     progress=not a.no_progress)
+        if dist.is_main():
+            write_predictions(a.output, q_ids, rows_to_ids(images.ids, rows))
+            print(f"top-{a.top_k} of {len(images)} images for {len(q_ids)} queries on "
+                  f"{dist.world_size()} rank(s), {device.type}, in {time.perf_counter() - t0:.1f}s "
+                  f"(blocks {plan.query_chunk} x {plan.image_block}) -> {a.output}")
+        dist.barrier()
+    except InputError as e:
+        print(f"retrieve.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
