@@ -1,0 +1,235 @@
+"""Benchmark of the training engine (CPU).
+
+1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.accumulation.ContrastiveStep,
+   exactly what the trainer runs) against a plain PyTorch loop (model, ClipLoss, AdamW with the same
+   parameter groups, grad clipping, LambdaLR) on the same model and the same in-memory batches, one
+   process. Data loading is left out of both: it is the same code either way.
+2. Memory: for ZeRO stages 0/1/2/3 on 2 gloo ranks, per rank: the bytes of the Adam state
+   (exp_avg, exp_avg_sq) and of the fp32 master partition the optimizer holds, and the process's
+   peak RSS after a few steps.
+
+  python benchmarks/bench_engine.py                      # both parts, prints a Markdown table
+  python benchmarks/bench_engine.py --part overhead --steps 40
+  python benchmarks/bench_engine.py --part memory --vision ViT-B-16 --text RBT3-chinese
+
+Set OMP_NUM_THREADS for the overhead part to the cores you want to use (the numbers in
+docs/training.md say which).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _batches(vision: str, text: str, batch: int, n: int, seed: int = 0):
+    """n random (uint8 image batch, token batch) pairs at the model's resolution."""
+    import torch
+
+    from models import load_text_config, load_vision_config
+
+    res = load_vision_config(vision).image_resolution
+    vocab = load_text_config(text).vocab_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        img = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g)
+        ids = torch.randint(5, vocab, (batch, 32), generator=g)
+        ids[:, 0] = 101
+        ids[:, -4:] = 0
+        out.append((img, ids))
+    return out
+
+
+def _prep(batch):
+    from data.images import normalize_uint8
+
+    return normalize_uint8(batch[0]), batch[1]
+
+
+def _time_steps(step_fn, batches, warmup: int) -> float:
+    for b in batches[:warmup]:
+        step_fn(b)
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        step_fn(b)
+    return (len(batches) - warmup) / (time.perf_counter() - t0)
+
+
+def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeats: int) -> dict:
+    import torch
+
+    from engine import dist
+    from engine.accumulation import ContrastiveStep
+    from engine.optim import build_optimizer, param_groups, scheduler_factory
+    from models import ClipLoss, build_clip
+
+    dist.init_distributed(use_deepspeed=True, always=True)
+    import deepspeed
+
+    batches = _batches(vision, text, batch, steps + warmup)
+    torch.manual_seed(0)
+    init = build_clip(vision, text).state_dict()
+
+    def plain_loop():
+        model = build_clip(vision, text)
+        model.load_state_dict(init)
+        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+        sched = scheduler_factory(10, 1000)(opt)
+        loss_fn = ClipLoss()
+
+        def step(b):
+            x, t = _prep(b)
+            out = model(x, t)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        return step
+
+    def engine_loop():
+        model = build_clip(vision, text)
+        model.load_state_dict(init)
+        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+        cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+               "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
+                                          lr_scheduler=scheduler_factory(10, 1000), dist_init_required=False)
+        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=_prep)
+        return lambda b: stepper.run([b])
+
+    # Alternate the two so drift in machine load hits both alike; keep the best of each.
+    plain, eng = [], []
+    for _ in range(repeats):
+        plain.append(_time_steps(plain_loop(), batches, warmup))
+        eng.append(_time_steps(engine_loop(), batches, warmup))
+    p, e = max(plain), max(eng)
+    return {"model": f"{vision} + {text}", "batch": batch, "threads": torch.get_num_threads(),
+            "plain_steps_s": p, "engine_steps_s": e, "overhead_pct": 100 * (p / e - 1),
+            "plain_all": plain, "engine_all": eng}
+
+
+def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out: str) -> None:
+    """One rank of the memory measurement (run by run_ranks)."""
+    import torch
+
+    from engine import dist
+    from engine.accumulation import ContrastiveStep
+    from engine.optim import build_optimizer, param_groups
+    from models import ClipLoss, build_clip
+
+    dist.init_distributed(use_deepspeed=True, always=True)
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = build_clip(vision, text)
+    n_params = sum(p.numel() for p in model.parameters())
+    base_rss_mb = _rss_mb()  # libraries + the model's weights, before DeepSpeed
+    opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+    # The shipped CPU config's ZeRO settings (bucket sizes matter for the flat buffers)
+    shipped = "cpu_zero3_fp32.json" if stage == 3 else "cpu_zero2_fp32.json"
+    zero = json.loads((REPO / "ds_configs" / shipped).read_text())["zero_optimization"] if stage else {}
+    zero = dict(zero, stage=stage)
+    cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+           "zero_optimization": zero, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
+    stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank()), 1,
+                              prepare=_prep)
+    for b in _batches(vision, text, batch, steps, seed=dist.rank()):
+        stepper.run([b])
+    inner = engine.optimizer
+    while hasattr(inner, "optimizer"):  # ZeRO wrappers hold the torch optimizer inside
+        inner = inner.optimizer
+    seen, adam, master = set(), 0, 0
+    for state in inner.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.numel() > 1 and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                adam += v.numel() * v.element_size()
+    module_ptrs = {p.data_ptr() for p in engine.module.parameters()}
+    for g in inner.param_groups:
+        for p in g["params"]:
+            if p.data_ptr() not in module_ptrs:  # a separate fp32 partition, not the module's weights
+                master += p.numel() * p.element_size()
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out, f"rank{dist.rank()}.json").write_text(json.dumps(
+        {"stage": stage, "params": n_params, "adam_bytes": adam, "master_bytes": master, "peak_rss_mb": rss_mb,
+         "base_rss_mb": base_rss_mb}))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory(vision: str, text: str, batch: int, steps: int) -> list:
+    from tests.ranks import assert_all_ok, run_ranks
+
+    rows = []
+    for stage in (0, 1, 2, 3):
+        with tempfile.TemporaryDirectory() as out:
+            res = run_ranks([__file__, "--part", "_memory_rank", "--stage", str(stage), "--vision", vision,
+                             "--text", text, "--batch", str(batch), "--steps", str(steps), "--out", out],
+                            world_size=2, timeout=1200)
+            assert_all_ok(res)
+            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+        rows.append({"stage": stage, "params": ranks[0]["params"],
+                     "adam_mb": [r["adam_bytes"] / 2 ** 20 for r in ranks],
+                     "master_mb": [r["master_bytes"] / 2 ** 20 for r in ranks],
+                     "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+                     "added_rss_mb": [r["peak_rss_mb"] - r["base_rss_mb"] for r in ranks]})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "overhead", "memory", "_memory_rank"), default="all")
+    p.add_argument("--vision", default=None)
+    p.add_argument("--text", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stage", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args()
+    if a.part == "_memory_rank":
+        _memory_rank(a.stage, a.vision, a.text, a.batch, a.steps, a.out)
+        return 0
+    results = {}
+    if a.part in ("all", "overhead"):
+        r = overhead(a.vision or "ViT-demo-64", a.text or "BERT-demo", a.batch or 64, a.steps or 30, a.warmup,
+                     a.repeats)
+        results["overhead"] = r
+        print(f"\n| model | batch | threads | plain torch steps/s | engine steps/s | engine overhead |\n"
+              f"|---|---|---|---|---|---|\n| {r['model']} | {r['batch']} | {r['threads']} | "
+              f"{r['plain_steps_s']:.2f} | {r['engine_steps_s']:.2f} | {r['overhead_pct']:+.1f}% |")
+    if a.part in ("all", "memory"):
+        rows = memory(a.vision or "ViT-B-16", a.text or "RBT3-chinese", a.batch or 2, a.steps or 2)
+        results["memory"] = rows
+        print(f"\n{rows[0]['params'] / 1e6:.1f}M parameters, 2 ranks, fp32:\n\n"
+              "| ZeRO stage | Adam state per rank (MB) | fp32 master partition per rank (MB) | "
+              "peak RSS per rank (MB) | peak RSS above model+libs (MB) |\n|---|---|---|---|---|")
+        for r in rows:
+            cells = [" / ".join(f"{v:.0f}" for v in r[k]) for k in ("adam_mb", "master_mb", "peak_rss_mb",
+                                                                      "added_rss_mb")]
+            print(f"| {r['stage']} | " + " | ".join(cells) + " |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Train the Chinese CLIP dual encoder with DeepSpeed.
+
+  deepspeed launch/train.py --deepspeed_config ds_configs/zero2_bf16.json \
+      --train-data DATA/train_queries.jsonl --train-img DATA/lmdb/train \
+      --val-data DATA/valid_queries.jsonl --val-img DATA/lmdb/valid \
+      --vocab DATA/vocab.txt --model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese --name run1
+
+Also runs under `torchrun --nproc_per_node N`, `deepspeed --hostfile H`, and as one plain process.
+Flags: `python launch/train.py --help`; the work happens in engine/ (config -> Trainer.run).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.files import InputError  # noqa: E402
+from engine.accumulation import NonFiniteLoss  # noqa: E402
+from engine.config import build_config, parse_args  # noqa: E402
+
+EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)  # every flag and the DeepSpeed JSON checked before any work
+    except InputError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+    except InputError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        trainer.close()
+    print(f"train.py: done at step {summary['step']} (loss {summary.get('loss', float('nan')):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    if rc == 0:  # after a failure a peer may be gone, and tearing the group down could block
+        from engine import dist
+
+        dist.destroy()
+    sys.exit(rc)
