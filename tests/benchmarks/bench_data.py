@@ -8,7 +8,7 @@
 All on a warm cache, through torch DataLoader with 0 (in-process), 1 and 2 worker processes. The ratios
 are measured side by side in one run because these machines are noisy. A script, not a test:
 
-  python benchmarks/bench_data.py [--images 1000] [--resolution 224] [--source-size 500]
+  python tests/benchmarks/bench_data.py [--images 1000] [--resolution 224] [--source-size 500]
 """
 import argparse
 import base64
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,11 +1,11 @@
 """Exact top-k benchmark: our blocked search vs faiss IndexFlatIP vs the machine's matmul limit.
 
-  python benchmarks/bench_topk.py                       # 5k x 30k and 20k x 100k, D=512, fp32
-  python benchmarks/bench_topk.py --large 100000 1000000 # + the streamed CLI run with its peak RSS
+  python tests/benchmarks/bench_topk.py                       # 5k x 30k and 20k x 100k, D=512, fp32
+  python tests/benchmarks/bench_topk.py --large 100000 1000000 # + the streamed CLI run with its peak RSS
 
 The matmul limit is measured in the same run: the best GFLOP/s of a bare fp32 GEMM (numpy/OpenBLAS
 and torch/MKL, at our block shape, 4096x4096 and 2048x16384, x D); time_limit = 2*Q*N*D / that. faiss is optional
-(pip install -r benchmarks/requirements.txt); without it its columns say "n/a". Each timing is
+(pip install -r tests/benchmarks/requirements.txt); without it its columns say "n/a". Each timing is
 the best of --repeats runs, interleaved so that load from other processes hits all alike.
 """
 import argparse
@@ -26,7 +26,7 @@ _T = str(_threads_from_argv())
 os.environ["OMP_NUM_THREADS"] = _T
 os.environ["OPENBLAS_NUM_THREADS"] = _T
 os.environ["MKL_NUM_THREADS"] = _T
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -125,7 +125,7 @@ def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows:
         save_features(img_dir / shard_name(s, n_shards), np.arange(a, b), unit_rows(rng, b - a, dim))
     save_features(workdir / "txt.npz", np.arange(n_q), unit_rows(rng, n_q, dim))
     gen_s = time.perf_counter() - t
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(repo / "launch/retrieve.py"), "--image-feats", str(img_dir), "--text-feats",
            str(workdir / "txt.npz"), "--top-k", str(k), "--output", str(workdir / "pred.jsonl"),
            "--max-memory-mb", str(max_memory_mb), "--no-progress"]

@@ -8,9 +8,9 @@
    (exp_avg, exp_avg_sq) and of the fp32 master partition the optimizer holds, and the process's
    peak RSS after a few steps.
 
-  python benchmarks/bench_engine.py                      # both parts, prints a Markdown table
-  python benchmarks/bench_engine.py --part overhead --steps 40
-  python benchmarks/bench_engine.py --part memory --vision ViT-B-16 --text RBT3-chinese
+  python tests/benchmarks/bench_engine.py                      # both parts, prints a Markdown table
+  python tests/benchmarks/bench_engine.py --part overhead --steps 40
+  python tests/benchmarks/bench_engine.py --part memory --vision ViT-B-16 --text RBT3-chinese
 
 Set OMP_NUM_THREADS for the overhead part to the cores you want to use (the numbers in
 docs/training.md say which).
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
