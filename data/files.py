@@ -31,17 +31,15 @@ class InputError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"):
-    """Open a temporary sibling of `path` for writing; on success it replaces `path` atomically,
-    on an exception it is removed and `path` is left as it was."""
+def _replacing(path: PathLike, suffix: str):
+    """Yield a temporary sibling of `path`; if the block succeeds it is fsynced and renamed over
+    `path`, otherwise removed, leaving `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp(path, ".tmp")
+    tmp = _new_temp(path, suffix)
     try:
-        kwargs = {} if "b" in mode else {"encoding": encoding}
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -53,19 +51,34 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
 @contextlib.contextmanager
 def atomic_path(path: PathLike):
     """Yield a temporary path beside `path` for writers that want a file name (np.savez, torch.save);
-    it is renamed to `path` only if the block succeeds."""
+    it keeps the target's extension (np.savez would append .npz otherwise) and is renamed to `path`
+    only if the block succeeds."""
+    with _replacing(path, ".tmp" + Path(path).suffix) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary sibling of `path` for writing; on success it replaces `path` atomically,
+    on an exception it is removed and `path` is left as it was."""
+    kwargs = {} if "b" in mode else {"encoding": encoding}
+    with _replacing(path, ".tmp") as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def read_json_object(path: PathLike, error: type = InputError) -> Dict[str, Any]:
+    """A JSON file that must hold one object; `error` (InputError by default) names the file and
+    line of a syntax error, or says what the file holds instead."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp(path, ".tmp" + path.suffix)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:

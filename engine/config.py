@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from data.files import InputError
+from data.files import InputError, read_json_object
 
 # Sections the trainer owns: the optimizer and schedule come from --lr/--wd/--warmup, TensorBoard is
 # written by engine.logging (DeepSpeed's own monitor needs the `tensorboard` package).
@@ -205,15 +205,9 @@ def load_ds_settings(path: Optional[str], world_size: int, on_gpu: bool) -> DSSe
     if not path:
         raise InputError("--deepspeed_config is required: pick one from ds_configs/ "
                          f"(on CPU: {CPU_CONFIG_HINT})")
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise InputError(f"--deepspeed_config {path}: file not found")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     for key, why in _OWNED_SECTIONS.items():
         section = raw.get(key)
         if section is not None and (key != "tensorboard" or section.get("enabled", False)):
@@ -283,7 +277,7 @@ def load_ds_settings(path: Optional[str], world_size: int, on_gpu: bool) -> DSSe
         raise InputError(f"{path}: offload_optimizer needs zero_optimization.stage >= 1")
     if off_par and stage != 3:
         raise InputError(f"{path}: offload_param needs zero_optimization.stage 3")
-    return DSSettings(path=str(p), raw=raw, micro_batch=mbs, grad_accum=gas, global_batch=global_batch,
+    return DSSettings(path=str(path), raw=raw, micro_batch=mbs, grad_accum=gas, global_batch=global_batch,
                       zero_stage=stage, precision=precision, offload_optimizer=off_opt,
                       gradient_clipping=float(clip))
 

@@ -68,10 +68,23 @@ def _finish(feats: List[torch.Tensor], dim: int) -> np.ndarray:
     return F.normalize(out, dim=-1).numpy()
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _encode_shard(ids: np.ndarray, batch_size: int, encode, embed_dim: int, desc: str,
+                  progress: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Run `encode(start, stop) -> features` over this rank's batches of `ids` (plus the throw-away
+    forwards that keep every rank's count equal) -> (this rank's ids, L2-normalised float32 feats)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", disable=not (enabled and dist.is_main()))
+    batches, steps = _my_batches(len(ids), batch_size)
+    feats: List[torch.Tensor] = []
+    bar = tqdm(total=steps, desc=desc, unit="batch", disable=not (progress and dist.is_main()))
+    for start, stop, real in _padded(batches, steps, len(ids)):
+        out = encode(start, stop)
+        if real:
+            feats.append(out.float().cpu())
+        bar.update(1)
+    bar.close()
+    mine = np.concatenate([ids[a:b] for a, b in batches]) if batches else ids[:0]
+    return mine, _finish(feats, embed_dim)
 
 
 @torch.no_grad()
@@ -85,18 +98,12 @@ def encode_images(model, store, ids: Sequence[int], batch_size: int, device: tor
 
     ids = np.asarray(list(ids), dtype=np.int64)
     dtype = dtype or model_dtype(model)
-    batches, steps = _my_batches(len(ids), batch_size)
-    feats: List[torch.Tensor] = []
-    bar = _bar(steps, "images", progress)
-    for start, stop, real in _padded(batches, steps, len(ids)):
+
+    def encode(start: int, stop: int) -> torch.Tensor:
         pixels = torch.from_numpy(store.get_many(ids[start:stop].tolist())).to(device, non_blocking=True)
-        out = model.encode_image(normalize_uint8(pixels, store.mean, store.std, dtype=dtype))
-        if real:
-            feats.append(out.float().cpu())
-        bar.update(1)
-    bar.close()
-    mine = np.concatenate([ids[a:b] for a, b in batches]) if batches else ids[:0]
-    return mine, _finish(feats, model.embed_dim)
+        return model.encode_image(normalize_uint8(pixels, store.mean, store.std, dtype=dtype))
+
+    return _encode_shard(ids, batch_size, encode, model.embed_dim, "images", progress)
 
 
 @torch.no_grad()
@@ -108,18 +115,12 @@ def encode_texts(model, queries, tokenizer, context_length: int, batch_size: int
 
     queries = list(queries)
     qids = np.asarray([q.query_id for q in queries], dtype=np.int64)
-    batches, steps = _my_batches(len(queries), batch_size)
-    feats: List[torch.Tensor] = []
-    bar = _bar(steps, "queries", progress)
-    for start, stop, real in _padded(batches, steps, len(queries)):
+
+    def encode(start: int, stop: int) -> torch.Tensor:
         tokens = tokenize(tokenizer, [q.text for q in queries[start:stop]], context_length)
-        out = model.encode_text(tokens.to(device, non_blocking=True))
-        if real:
-            feats.append(out.float().cpu())
-        bar.update(1)
-    bar.close()
-    mine = np.concatenate([qids[a:b] for a, b in batches]) if batches else qids[:0]
-    return mine, _finish(feats, model.embed_dim)
+        return model.encode_text(tokens.to(device, non_blocking=True))
+
+    return _encode_shard(qids, batch_size, encode, model.embed_dim, "queries", progress)
 
 
 def gather_features(ids: np.ndarray, feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,6 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np

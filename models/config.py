@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Union
 
 from transformers import BertConfig
 
+from data.files import read_json_object
+
 from .text import make_bert_config
 from .vit import VisionConfig
 
@@ -39,13 +41,7 @@ def _resolve(name_or_path: Union[str, Path]) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, error=ValueError)
 
 
 def vision_config_from_dict(data: dict, source: str = "vision config") -> VisionConfig:

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from data.files import InputError, atomic_path, atomic_write
+from data.files import InputError, atomic_path, atomic_write, read_json_object
 
 from .config import list_model_configs, load_text_config, load_vision_config, vision_config_from_dict
 from .text import arch_dict, config_to_json_dict, make_bert_config
@@ -561,10 +561,7 @@ def convert_hf(folder: PathLike):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightConversionError(f"{folder}: no config.json (expected a ChineseCLIPModel folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightConversionError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    config = read_json_object(config_path, error=WeightConversionError)
     vision, text = ours_from_hf_config(config, str(config_path))
     state, report = from_hf_state(_read_folder_weights(folder), vision, f"ChineseCLIPModel folder {folder}")
     check_keys(state, expected_shapes(vision, text), str(folder))

@@ -16,31 +16,12 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertForPreTraining, BertModel, ChineseCLIPConfig, ChineseCLIPModel
 
 import models
+from tests.unit.tiny_inputs import images, perturb_, token_batch
 from models import convert
 from models.convert import WeightConversionError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_V, TINY_T = "ViT-tiny-test", "BERT-tiny-test"
-
-
-def perturb_(module, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
-def token_batch(vocab=128, lengths=(9, 5, 7), total=11, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), total, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(1, vocab, (n,), generator=g)
-    return ids
-
-
-def images(n=3, r=32, seed=2):
-    return torch.randn(n, 3, r, r, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------

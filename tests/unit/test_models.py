@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from transformers import BertModel
 
 import models
+from tests.unit.tiny_inputs import perturb_, token_batch
 from models import fused
 from models.config import load_text_config, load_vision_config
 from models.vit import Attention, ResidualAttentionBlock, VisionConfig
@@ -26,23 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny(**kwargs):
     torch.manual_seed(0)
     return models.build_clip("ViT-tiny-test", "BERT-tiny-test", **kwargs)
-
-
-def perturb_(module: nn.Module, std: float = 0.05) -> nn.Module:
-    """Random offsets on every parameter (LayerNorm weights/biases included) so that a swapped or
-    mis-mapped tensor cannot go unnoticed."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return module
-
-
-def token_batch(vocab=128, lengths=(9, 5, 7), total=11, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), total, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(1, vocab, (n,), generator=g)
-    return ids
 
 
 # ---------------------------------------------------------------- configs
