@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vocab", default=None,
                    help="tokenizer folder or vocab.txt (default: the --bert-weight-path folder's vocab.txt)")
     d.add_argument("--context-length", type=int, default=52, help="text tokens incl. [CLS]/[SEP]")
-    d.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank (0 = in process)")
+    d.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader workers per rank; 0 reads the LMDB in process, which measured fastest")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
