@@ -10,9 +10,11 @@ async error handling that turns a stuck collective into an exception is switched
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
-from typing import Any, List, Optional
+import sys
+from typing import Any, List, NoReturn, Optional
 
 import torch
 import torch.distributed as tdist
@@ -104,6 +106,36 @@ def barrier() -> None:
 def destroy() -> None:
     if is_initialized():
         tdist.destroy_process_group()
+
+
+def _bounded_barrier(timeout_s: float) -> None:
+    """Wait until every rank got here, at most timeout_s (gloo); a failed peer ends the wait."""
+    try:
+        if tdist.get_backend() == "gloo":
+            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            tdist.barrier()
+    except Exception:  # noqa: BLE001 - a peer already failed: nothing left to wait for
+        pass
+
+
+def exit_process(code: int, timeout_s: float = 60) -> NoReturn:
+    """End this process with `code`, the last call of a CLI that may run as one rank of many.
+
+    With a process group: on success wait (bounded) for the other ranks, flush, then os._exit.
+    Skipping the interpreter's teardown is deliberate: tearing down gloo's and DeepSpeed's
+    communication threads at exit sometimes aborted a rank after all its work was done
+    ("terminate called without an active exception", exit -6), which the launcher reports as a
+    failed run. Every file we write is closed (and fsynced) before this point.
+    """
+    if not is_initialized():
+        sys.exit(code)
+    if code == 0 and world_size() > 1:
+        _bounded_barrier(timeout_s)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

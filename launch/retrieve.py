@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"retrieve.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        dist.destroy()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine import dist
+
+    dist.exit_process(main())  # waits for the other ranks on success; never blocks on a dead one

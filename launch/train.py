@@ -46,9 +46,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if rc == 0:  # after a failure a peer may be gone, and tearing the group down could block
-        from engine import dist
+    from engine import dist
 
-        dist.destroy()
-    sys.exit(rc)
+    dist.exit_process(main())  # waits for the other ranks on success; never blocks on a dead one

@@ -133,3 +133,4 @@ def main(data_dir: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    dist.exit_process(0)

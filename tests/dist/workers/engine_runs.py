@@ -28,4 +28,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine import dist
+
+    dist.exit_process(main())
