@@ -103,11 +103,6 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def destroy() -> None:
-    if is_initialized():
-        tdist.destroy_process_group()
-
-
 def _bounded_barrier(timeout_s: float) -> None:
     """Wait until every rank got here, at most timeout_s (gloo); a failed peer ends the wait."""
     try:
@@ -223,12 +218,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks; returns the tensor for chaining."""
     if world_size() > 1:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
     return tensor
 
 
