@@ -190,18 +190,22 @@ def _decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]
 
 def _chunks(records: Iterator[Record], done: set, size: int, result: BuildResult,
             bar) -> Iterator[List[Item]]:
-    """Group records into chunks, skipping ids already in the store and flagging duplicates."""
+    """Group records into chunks, skipping ids already in the store and flagging duplicates.
+
+    A repeat is checked before "already in the store": after an interrupted build the first copy of
+    an id may be committed, and its second copy must be refused as in a clean build, not skipped."""
     seen: set = set()
     chunk: List[Item] = []
     for rec in records:
         bar.update(rec.progress)
         error = rec.error
         if not error:
-            if rec.image_id in done:
-                result.already_present += 1
-                continue
             if rec.image_id in seen:
                 error = f"duplicate image id {rec.image_id}"
+            elif rec.image_id in done:
+                seen.add(rec.image_id)
+                result.already_present += 1
+                continue
             seen.add(rec.image_id)
         chunk.append((rec.image_id, rec.where, b"" if error else rec.payload, rec.is_base64, error))
         if len(chunk) >= size:

@@ -213,3 +213,34 @@ def test_resume_with_another_resolution_is_refused(tmp_path, jpegs):
     build_store(tsv, tmp_path / "db", R, workers=0, progress=False)
     with pytest.raises(InputError, match="resolution"):
         build_store(tsv, tmp_path / "db", R * 2, workers=0, progress=False)
+
+
+def test_duplicate_id_is_refused_after_an_interrupted_build(tmp_path, jpegs, monkeypatch, repo_root):
+    """The first copy of a repeated id is committed before the interruption; the resumed build must
+    refuse its second copy exactly as a clean build does (not count it 'already present')."""
+    items = list(jpegs.items())
+    dup_line = len(items) + 1
+    tsv = _tsv(tmp_path / "dup.tsv", items + [items[0]])  # items[0] lands in the first chunk
+    real_put = build_mod.ImageStoreWriter.put_many
+
+    def put_once_then_die(self, batch):
+        real_put(self, batch)
+        raise KeyboardInterrupt  # the first chunk is committed, then the build is killed
+
+    monkeypatch.setattr(build_mod.ImageStoreWriter, "put_many", put_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(tsv, tmp_path / "db", R, workers=0, chunk_size=3, progress=False)
+    monkeypatch.setattr(build_mod.ImageStoreWriter, "put_many", real_put)
+    with build_mod.ImageStoreWriter(tmp_path / "db", R) as w:
+        assert items[0][0] in w.existing_ids()
+    cmd = [sys.executable, str(repo_root / "launch" / "build_lmdb.py"), "--input", str(tsv), "--output",
+           str(tmp_path / "db"), "--resolution", str(R), "--workers", "0", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"dup.tsv:{dup_line}: image id {items[0][0]}: duplicate image id" in p.stderr
+    with pytest.raises(InputError, match="did not finish"):
+        ImageStore(tmp_path / "db")  # still marked incomplete: the refused build did not finish it
+    # --on-error skip lists the repeat in the report, as a clean build does
+    r = build_store(tsv, tmp_path / "db", R, workers=0, on_error="skip", progress=False)
+    assert [s[0] for s in r.skipped] == [str(items[0][0])] and f"dup.tsv:{dup_line}" in r.skipped[0][1]
+    _assert_store(tmp_path / "db", jpegs)
