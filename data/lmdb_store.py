@@ -6,11 +6,17 @@ Layout (no pickles anywhere, so opening a downloaded store cannot run code):
                                            source, complete
 The builder writes the manifest with complete=false before the first image and rewrites it with the
 final count and complete=true last, so an interrupted build is recognisable and readers refuse it.
+
+A damaged data.mdb (a truncated copy, a disk error) must not crash a reader: LMDB maps the file and
+a page past its end kills the process with SIGBUS. `check_lmdb_file` compares the file size with
+what LMDB's own meta pages record before the file is mapped, and lmdb errors are re-raised as
+InputError naming the store.
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +31,46 @@ FORMAT = "uint8-chw-v1"
 RESERVED_PREFIX = b"__"
 
 PathLike = Union[str, os.PathLike]
+
+
+# LMDB 0.9's meta pages (pages 0 and 1, the newer txnid wins): a 16-byte page header, then
+# mm_magic u32, mm_version u32, mm_address, mm_mapsize, two MDB_db records of 48 bytes (the first
+# one's md_pad is the page size), mm_last_pg, mm_txnid (all 64-bit on 64-bit builds).
+_MDB_MAGIC, _MDB_VERSION = 0xBEEFC0DE, 1
+_META = struct.Struct("=16xII8x8xI44x48xQQ")  # magic, version, page size, last page number, txnid
+
+
+def _rebuild_hint(path: Path) -> str:
+    return (f"move {path} away and rebuild it: python launch/build_lmdb.py --input <the same images> "
+            f"--output {path} --resolution <R>")
+
+
+def check_lmdb_file(path: PathLike) -> None:
+    """Raise InputError when <path>/data.mdb is shorter than its meta pages say (a truncated copy:
+    reading it would SIGBUS) or has no valid meta page. Reads only the first two pages."""
+    path = Path(path)
+    f = path / "data.mdb"
+    size = f.stat().st_size
+    metas = []
+    with open(f, "rb") as h:
+        first = h.read(_META.size)
+        if len(first) == _META.size:
+            metas.append(_META.unpack(first))
+            psize = metas[0][2]
+            if 512 <= psize <= 1 << 16 and size >= 2 * psize:
+                h.seek(psize)
+                second = h.read(_META.size)
+                metas.append(_META.unpack(second))
+    good = [m for m in metas if m[0] == _MDB_MAGIC]
+    if len(good) < 2:
+        raise InputError(f"{f}: damaged store ({size} bytes, LMDB header unreadable); {_rebuild_hint(path)}")
+    if any(m[1] != _MDB_VERSION for m in good):
+        return  # another LMDB data format: leave the checking to the library
+    magic, version, psize, last_pg, txnid = max(good, key=lambda m: m[4])
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise InputError(f"{f}: truncated store: {size} bytes, but LMDB's header records {need} "
+                         f"({last_pg + 1} pages of {psize}); {_rebuild_hint(path)}")
 
 
 def id_key(image_id: int) -> bytes:
@@ -52,7 +98,11 @@ class ImageStore:
         self._pid = None
         if not (self.path / "data.mdb").is_file():
             raise InputError(f"{self.path}: not an image store (no data.mdb)")
-        raw = self._begin().get(MANIFEST_KEY)
+        check_lmdb_file(self.path)
+        try:
+            raw = self._begin().get(MANIFEST_KEY)
+        except lmdb.Error as e:
+            raise self._damaged(e) from None
         if raw is None:
             raise InputError(f"{self.path}: no manifest; this is not an image store built by "
                              f"launch/build_lmdb.py (a Chinese-CLIP LMDB must be imported first)")
@@ -89,6 +139,10 @@ class ImageStore:
             self._pid = pid
         return self._txn
 
+    def _damaged(self, e: Exception) -> InputError:
+        return InputError(f"{self.path / 'data.mdb'}: damaged store ({type(e).__name__}: {e}); "
+                          f"{_rebuild_hint(self.path)}")
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state.update(_env=None, _txn=None, _pid=None)
@@ -104,11 +158,17 @@ class ImageStore:
         return int(self.manifest["count"])
 
     def __contains__(self, image_id) -> bool:
-        return self._begin().get(id_key(image_id)) is not None
+        try:
+            return self._begin().get(id_key(image_id)) is not None
+        except lmdb.Error as e:
+            raise self._damaged(e) from None
 
     def get(self, image_id: int) -> np.ndarray:
         """uint8 [3, R, R] (a private copy, safe to keep)."""
-        buf = self._begin().get(id_key(image_id))
+        try:
+            buf = self._begin().get(id_key(image_id))
+        except lmdb.Error as e:
+            raise self._damaged(e) from None
         if buf is None:
             raise KeyError(f"image id {image_id} is not in {self.path}")
         return np.frombuffer(buf, dtype=np.uint8, count=self._nbytes).reshape(self.shape).copy()
@@ -120,7 +180,10 @@ class ImageStore:
         txn = self._begin()
         flat = out.reshape(len(image_ids), -1)
         for i, image_id in enumerate(image_ids):
-            buf = txn.get(id_key(image_id))
+            try:
+                buf = txn.get(id_key(image_id))
+            except lmdb.Error as e:
+                raise self._damaged(e) from None
             if buf is None:
                 raise KeyError(f"image id {image_id} is not in {self.path}")
             flat[i] = np.frombuffer(buf, dtype=np.uint8, count=self._nbytes)
@@ -130,10 +193,13 @@ class ImageStore:
         """All image ids, sorted numerically (keys only: values are not read)."""
         if self._ids is None:
             ids = []
-            for key in self._begin().cursor().iternext(keys=True, values=False):
-                image_id = _key_id(bytes(key))
-                if image_id is not None:
-                    ids.append(image_id)
+            try:
+                for key in self._begin().cursor().iternext(keys=True, values=False):
+                    image_id = _key_id(bytes(key))
+                    if image_id is not None:
+                        ids.append(image_id)
+            except lmdb.Error as e:
+                raise self._damaged(e) from None
             self._ids = sorted(ids)
         return list(self._ids)
 
@@ -141,12 +207,15 @@ class ImageStore:
         """The ids (in the given order, without repeats) that the store lacks."""
         txn = self._begin()
         seen, out = set(), []
-        for image_id in image_ids:
-            if image_id in seen:
-                continue
-            seen.add(image_id)
-            if txn.get(id_key(image_id)) is None:
-                out.append(image_id)
+        try:
+            for image_id in image_ids:
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                if txn.get(id_key(image_id)) is None:
+                    out.append(image_id)
+        except lmdb.Error as e:
+            raise self._damaged(e) from None
         return out
 
     def __repr__(self) -> str:
@@ -168,6 +237,8 @@ class ImageStoreWriter:
         self.shape = (3, self.resolution, self.resolution)
         self.nbytes = int(np.prod(self.shape))
         existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
+        if existing:
+            check_lmdb_file(self.path)  # resuming a truncated store would crash or damage it further
         self.env = lmdb.open(str(self.path), map_size=max(map_size, existing), subdir=True,
                              readahead=False, meminit=False, max_dbs=0)
         old = self._read_manifest()

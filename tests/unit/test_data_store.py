@@ -111,3 +111,40 @@ def test_store_is_usable_in_forked_and_spawned_workers(tmp_path, method):
     assert got == [a.tobytes() for a in arrs]
     assert store.get(ids[1]).tobytes() == arrs[1].tobytes()  # the parent still reads
     assert pickle.loads(pickle.dumps(store))._env is None
+
+
+def _damaged_copies(tmp_path):
+    """A healthy store and three damaged copies of it: cut in half (a partial copy; reading it
+    used to SIGBUS the process), meta pages wiped, every page after the metas overwritten."""
+    import os
+    import shutil
+
+    ids, arrs = _images(40, 32)
+    _write(tmp_path / "ok", ids, arrs, 32)
+    size = (tmp_path / "ok" / "data.mdb").stat().st_size
+    out = {}
+    for name in ("truncated", "no_header", "garbage"):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        out[name] = tmp_path / name
+    os.truncate(out["truncated"] / "data.mdb", size // 2)
+    with open(out["no_header"] / "data.mdb", "r+b") as f:
+        f.write(b"\0" * 8192)
+    with open(out["garbage"] / "data.mdb", "r+b") as f:
+        f.seek(8192)
+        f.write(np.random.default_rng(0).integers(0, 256, size - 8192, dtype=np.uint8).tobytes())
+    return ids, out
+
+
+def test_damaged_store_is_refused_naming_it_and_the_rebuild(tmp_path):
+    ids, bad = _damaged_copies(tmp_path)
+    assert ImageStore(tmp_path / "ok").missing(ids) == []  # the check passes a healthy store
+    expect = {"truncated": "truncated store", "no_header": "header unreadable", "garbage": "damaged store"}
+    for name, path in bad.items():
+        with pytest.raises(InputError) as e:
+            store = ImageStore(path)
+            store.missing(ids)  # the garbage copy opens (LMDB has no checksums) and fails on the read
+        msg = str(e.value)
+        assert msg.startswith(f"{path / 'data.mdb'}: ") and expect[name] in msg, msg
+        assert f"launch/build_lmdb.py --input <the same images> --output {path}" in msg, msg
+    with pytest.raises(InputError, match="truncated store"):  # a resumed build must not write into it
+        ImageStoreWriter(bad["truncated"], 32)
