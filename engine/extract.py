@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -132,15 +132,16 @@ def gather_features(ids: np.ndarray, feats: np.ndarray) -> Tuple[np.ndarray, np.
     return all_ids.numpy(), all_feats.numpy()
 
 
-def _write_split(folder: Path, encode, feature_dtype, jsonl: Optional[Path], id_key: str) -> Path:
-    """Shared by images and texts: clear old shards, encode, write this rank's shard, optionally
-    join all shards into one MUGE jsonl on rank 0."""
+def _write_split(folder: Path, encode, feature_dtype, jsonl: Optional[Path], id_key: str,
+                 meta: Dict[str, Any]) -> Path:
+    """Shared by images and texts: clear old shards, encode, write this rank's shard (with its
+    record `meta`: kind, models), optionally join all shards into one MUGE jsonl on rank 0."""
     if dist.is_main():
         folder.mkdir(parents=True, exist_ok=True)
         remove_shards(folder)  # a new set is never mixed with an older run's shards
     dist.barrier()
     ids, feats = encode()
-    save_features(folder / shard_name(dist.rank(), dist.world_size()), ids, feats.astype(feature_dtype))
+    save_features(folder / shard_name(dist.rank(), dist.world_size()), ids, feats.astype(feature_dtype), meta)
     dist.barrier()
     if jsonl is not None and dist.is_main():
         src = open_features(folder)  # checks the set is complete and ids unique
@@ -155,10 +156,11 @@ def _write_split(folder: Path, encode, feature_dtype, jsonl: Optional[Path], id_
 def extract_split(model, out_dir, device: torch.device, batch_size: int = 64, store=None,
                   image_ids: Optional[Sequence[int]] = None, queries=None, tokenizer=None,
                   context_length: int = 52, feature_dtype=np.float32, jsonl: bool = False,
-                  progress: bool = True) -> Dict[str, Path]:
+                  progress: bool = True, models: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
     """Encode a split on every rank and write `out_dir/image_feats/part-R-of-W.npz` (all store
     images, or `image_ids`) and `out_dir/text_feats/...` (the queries); with jsonl=True also
-    `out_dir/image_feats.jsonl` and `out_dir/text_feats.jsonl` in the seed's MUGE format."""
+    `out_dir/image_feats.jsonl` and `out_dir/text_feats.jsonl` in the seed's MUGE format.
+    `models` (image_model, text_model, weights) goes into each file's record beside its kind."""
     out_dir = Path(out_dir)
     written: Dict[str, Path] = {}
     with eval_mode(model):
@@ -167,13 +169,15 @@ def extract_split(model, out_dir, device: torch.device, batch_size: int = 64, st
             written["image_feats"] = _write_split(
                 out_dir / "image_feats",
                 lambda: encode_images(model, store, ids, batch_size, device, progress=progress),
-                feature_dtype, out_dir / "image_feats.jsonl" if jsonl else None, "image_id")
+                feature_dtype, out_dir / "image_feats.jsonl" if jsonl else None, "image_id",
+                {**(models or {}), "kind": "image"})
         if queries is not None:
             written["text_feats"] = _write_split(
                 out_dir / "text_feats",
                 lambda: encode_texts(model, queries, tokenizer, context_length, batch_size, device,
                                      progress=progress),
-                feature_dtype, out_dir / "text_feats.jsonl" if jsonl else None, "query_id")
+                feature_dtype, out_dir / "text_feats.jsonl" if jsonl else None, "query_id",
+                {**(models or {}), "kind": "text"})
     if jsonl:
         for key in list(written):
             written[key + "_jsonl"] = out_dir / f"{key}.jsonl"

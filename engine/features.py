@@ -2,7 +2,10 @@
 
 Formats
 - `.npz` (np.savez, uncompressed): `ids` int64 [N] and `feats` float32/float16 [N, D], row i
-  belongs to ids[i], rows L2-normalised.
+  belongs to ids[i], rows L2-normalised; and `meta` (uint8 bytes of a JSON object: what the file
+  holds: kind image|text, image_model, text_model, weights, dim, count), so a tool handed the
+  wrong folder refuses it (`check_kind`) instead of ranking queries against queries. Files
+  written before the record existed have no `meta` and are read with a warning.
 - a folder of `.npz` shards, read in name order. Shards written by extraction are named
   `part-RRRRR-of-WWWWW.npz`; a folder of such names must hold one complete set (a run that died
   half-way, or leftovers of a run with another world size, is refused instead of read).
@@ -21,7 +24,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +33,9 @@ from data.files import InputError, atomic_write, read_jsonl
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
 JSONL_ID_KEYS = ("image_id", "query_id", "text_id")
+KINDS = ("image", "text")
+# What must agree between the image and the text side of one retrieval (one model's two towers).
+MODEL_KEYS = ("image_model", "text_model")
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -48,12 +54,19 @@ def _check_arrays(ids: np.ndarray, feats: np.ndarray, where: str) -> Tuple[np.nd
     return ids.astype(np.int64, copy=False), feats
 
 
-def save_features(path, ids, feats) -> Path:
-    """Write an uncompressed .npz atomically: the target appears only once complete."""
+def save_features(path, ids, feats, meta: Optional[Dict[str, Any]] = None) -> Path:
+    """Write an uncompressed .npz atomically: the target appears only once complete. `meta` (kind,
+    model names, ...) is stored beside the arrays with this file's dim and count added."""
     path = Path(path)
     ids, feats = _check_arrays(ids, feats, str(path))
+    arrays = {"ids": ids, "feats": np.ascontiguousarray(feats)}
+    if meta is not None:
+        if meta.get("kind") not in KINDS:
+            raise ValueError(f"meta kind must be one of {KINDS}, got {meta.get('kind')!r}")
+        record = {**meta, "dim": int(feats.shape[1]), "count": int(len(ids))}
+        arrays["meta"] = np.frombuffer(json.dumps(record, sort_keys=True).encode("utf-8"), np.uint8)
     with atomic_write(path, "wb") as f:
-        np.savez(f, ids=ids, feats=np.ascontiguousarray(feats))
+        np.savez(f, **arrays)
     return path
 
 
@@ -77,11 +90,12 @@ def write_feature_jsonl_parts(path, parts: Iterable[Tuple[np.ndarray, np.ndarray
 class FeatureSource:
     """Rows of a feature set in a fixed global order: `ids` (all, int64), `dim`, `dtype`, and
     `read(start, stop, out=None)` -> array [stop-start, dim] (without `out`: valid until the next
-    read)."""
+    read). `meta`: what the files say they hold (see the module docstring), or None."""
 
     ids: np.ndarray
     dim: int
     dtype: np.dtype
+    meta: Optional[Dict[str, Any]] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -134,7 +148,7 @@ class NpzShardsSource(FeatureSource):
 
     def __init__(self, paths: Sequence[Path]):
         self.paths = list(paths)
-        ids, self._members, starts = [], [], [0]
+        ids, self._members, starts, metas = [], [], [0], []
         dim = dtype = None
         for p in self.paths:
             try:
@@ -145,6 +159,7 @@ class NpzShardsSource(FeatureSource):
                     with zf.open("ids.npy") as f:
                         shard_ids = np.lib.format.read_array(f)
                     member = _NpzMember(p, zf, "feats.npy")
+                    metas.append(_read_meta(zf, p) if "meta.npy" in names else None)
             except zipfile.BadZipFile as e:
                 raise InputError(f"{p}: not a readable .npz ({e})") from None
             if len(member.shape) != 2 or member.dtype not in FEATURE_DTYPES:
@@ -157,11 +172,15 @@ class NpzShardsSource(FeatureSource):
             elif (member.shape[1], member.dtype) != (dim, dtype):
                 raise InputError(f"{p}: feats {member.dtype} x {member.shape[1]} differ from the first "
                                  f"shard's {dtype} x {dim}")
+            if metas[-1] is not None and (metas[-1].get("count"), metas[-1].get("dim")) != member.shape:
+                raise InputError(f"{p}: its record says {metas[-1].get('count')} x {metas[-1].get('dim')} "
+                                 f"features, the file holds {member.shape[0]} x {member.shape[1]}")
             ids.append(shard_ids)
             self._members.append(member)
             starts.append(starts[-1] + len(shard_ids))
         if dim is None:
             raise InputError("no feature shards given")
+        self.meta = _merge_meta(metas, self.paths)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self.dim, self.dtype = dim, dtype
         self._starts = np.asarray(starts, dtype=np.int64)
@@ -198,6 +217,63 @@ class NpzShardsSource(FeatureSource):
                 if k <= 0:
                     raise InputError(f"{path}: truncated feature data")
                 got += k
+
+
+def _read_meta(zf: zipfile.ZipFile, path: Path) -> Dict[str, Any]:
+    with zf.open("meta.npy") as f:
+        raw = np.lib.format.read_array(f, allow_pickle=False)
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{path}: unreadable feature record ('meta' is not JSON)") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+        raise InputError(f"{path}: feature record without a kind ({'/'.join(KINDS)})")
+    return meta
+
+
+def _merge_meta(metas: List[Optional[Dict[str, Any]]], paths: List[Path]) -> Optional[Dict[str, Any]]:
+    """One record for a set of shards (count summed); shards that disagree are refused."""
+    if all(m is None for m in metas):
+        return None
+    if any(m is None for m in metas):
+        odd = [p.name for p, m in zip(paths, metas) if m is None]
+        raise InputError(f"{paths[0].parent}: shards with and without a feature record mixed ({odd})")
+    same = {k: v for k, v in metas[0].items() if k != "count"}
+    for p, m in zip(paths, metas):
+        if {k: v for k, v in m.items() if k != "count"} != same:
+            raise InputError(f"{p}: its record {m} differs from {paths[0].name}'s {metas[0]}: shards of "
+                             f"different extractions mixed")
+    return {**same, "count": sum(int(m["count"]) for m in metas)}
+
+
+def _describe(meta: Dict[str, Any]) -> str:
+    models = " + ".join(str(meta[k]) for k in MODEL_KEYS if meta.get(k))
+    return f"{meta.get('count', '?')} {meta['kind']} features" + (f" of {models}" if models else "")
+
+
+def check_kind(meta: Optional[Dict[str, Any]], expected: str, where: str) -> Optional[str]:
+    """Refuse (InputError) features of the other kind than `expected` ('image' or 'text'); return a
+    warning for files without a record (written before records existed, or someone else's npz),
+    None when all is well. `where` names the flag and path for the message."""
+    if meta is None:
+        return (f"{where}: no record of what these features are (written before feature records, or "
+                f"not by engine/extract.py); assuming {expected} features")
+    if meta["kind"] != expected:
+        raise InputError(f"{where} holds {_describe(meta)}, not {expected} features (are the image and "
+                         f"text feature paths swapped?)")
+    return None
+
+
+def check_same_model(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], where_a: str, where_b: str) -> None:
+    """Refuse two feature sets from different models (their spaces do not match); sets without a
+    record cannot be checked and pass."""
+    if a is None or b is None:
+        return
+    diff = [k for k in MODEL_KEYS if k in a and k in b and a[k] != b[k]]
+    if diff or a.get("dim") != b.get("dim"):
+        raise InputError(f"{where_a} ({_describe(a)}, dim {a.get('dim')}) and {where_b} ({_describe(b)}, "
+                         f"dim {b.get('dim')}) come from different models; extract both with the same "
+                         f"--model, --text-model and --weights")
 
 
 def feature_shard_paths(folder: Path) -> List[Path]:
@@ -248,7 +324,7 @@ def _load_jsonl(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         feats = np.asarray(rows, dtype=np.float32)
     except (TypeError, ValueError):
         raise InputError(f"{path}: a 'feature' holds something that is not a number") from None
-    return np.asarray(ids, dtype=np.int64), feats
+    return np.asarray(ids, dtype=np.int64), feats, key
 
 
 def open_features(path) -> FeatureSource:
@@ -261,7 +337,10 @@ def open_features(path) -> FeatureSource:
     elif path.suffix == ".npz":
         src = NpzShardsSource([path])
     elif path.suffix in (".jsonl", ".json"):
-        src = ArraySource(*_load_jsonl(path), where=str(path))
+        ids, feats, id_key = _load_jsonl(path)
+        src = ArraySource(ids, feats, where=str(path))
+        # MUGE jsonl says what it holds through its id key
+        src.meta = {"kind": "image" if id_key == "image_id" else "text", "dim": src.dim, "count": len(ids)}
     else:
         raise InputError(f"{path}: unknown feature format (want .npz, a folder of .npz, or .jsonl)")
     _check_unique(src.ids, str(path))
@@ -270,7 +349,11 @@ def open_features(path) -> FeatureSource:
 
 def load_features(path, dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(ids int64 [N], feats [N, D]) from any supported format, fully in memory."""
-    src = open_features(path)
+    return read_all(open_features(path), dtype)
+
+
+def read_all(src: FeatureSource, dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids, feats) of an opened source, fully in memory."""
     if isinstance(src, ArraySource):
         feats = src.feats
     else:

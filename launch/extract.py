@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,7 +103,9 @@ def main(argv=None) -> int:
         written = extract_split(model, a.output, device, a.batch_size, store=store, queries=queries,
                                 tokenizer=tokenizer, context_length=a.context_length,
                                 feature_dtype=np.dtype(a.feature_dtype), jsonl=a.jsonl,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress,
+                                models={"image_model": a.model, "text_model": a.text_model,
+                                        "weights": str(Path(a.weights).resolve()) if a.weights else None})
         if dist.is_main():
             print(f"extracted on {dist.world_size()} rank(s) in {time.perf_counter() - t0:.1f}s: "
                   + ", ".join(f"{k} -> {v}" for k, v in written.items()))

@@ -20,6 +20,14 @@ from data.files import InputError  # noqa: E402
 EXIT_BAD_INPUT = 2
 
 
+def _warn(warning) -> None:
+    """Print a feature-record warning once (rank 0)."""
+    from engine import dist
+
+    if warning and dist.is_main():
+        print(f"retrieve.py: warning: {warning}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-feats", required=True, help="image features: .npz, folder of .npz, or .jsonl")
@@ -38,7 +46,7 @@ def main(argv=None) -> int:
     import torch
 
     from engine import dist
-    from engine.features import load_features, open_features
+    from engine.features import check_kind, check_same_model, open_features, read_all
     from engine.retrieval import distributed_search, plan_blocks, rows_to_ids, write_predictions
 
     dist.init_distributed(use_deepspeed=False)
@@ -46,7 +54,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         device = dist.device() if a.device == "auto" else torch.device(a.device)
         images = open_features(a.image_feats)
-        q_ids, q_feats = load_features(a.text_feats)
+        _warn(check_kind(images.meta, "image", f"--image-feats {a.image_feats}"))
+        texts = open_features(a.text_feats)
+        _warn(check_kind(texts.meta, "text", f"--text-feats {a.text_feats}"))
+        check_same_model(images.meta, texts.meta, f"--image-feats {a.image_feats}", f"--text-feats {a.text_feats}")
+        q_ids, q_feats = read_all(texts)
         plan = plan_blocks(len(q_ids), len(images), images.dim, a.top_k, a.max_memory_mb,
                            a.query_chunk, a.image_block)
         _, rows = distributed_search(q_feats, images, a.top_k, plan, device=device,

@@ -83,6 +83,16 @@ def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, r
     assert retrieve_main(["--image-feats", str(out / "image_feats"), "--text-feats", str(out / "text_feats"),
                           "--output", str(tmp_path / "pred.jsonl"), "--no-progress"]) == 0
     assert evaluate_main([str(tmp_path / "pred.jsonl"), str(split / "queries.jsonl"), str(tmp_path / "s.json")]) == 0
+    # each folder records what it holds; handed swapped, retrieve refuses instead of writing predictions
+    from engine.features import open_features
+    meta = open_features(out / "image_feats").meta
+    assert meta["kind"] == "image" and meta["count"] == len(ImageStore(split / "lmdb"))
+    assert (meta["image_model"], meta["text_model"], meta["weights"]) == \
+        ("ViT-tiny-test", "BERT-tiny-test", str((split / "weights.pt").resolve()))
+    assert open_features(out / "text_feats").meta["kind"] == "text"
+    assert retrieve_main(["--image-feats", str(out / "text_feats"), "--text-feats", str(out / "image_feats"),
+                          "--output", str(tmp_path / "swapped.jsonl"), "--no-progress"]) == 2
+    assert not (tmp_path / "swapped.jsonl").exists()
     cli = json.loads((tmp_path / "s.json").read_text())["scoreJson"]
 
     model = load_tiny_model(split)

@@ -261,3 +261,54 @@ def test_zip_members_are_stored_uncompressed(tmp_path):
     path = save_features(tmp_path / "f.npz", [1, 2], np.ones((2, 3), np.float32))
     with zipfile.ZipFile(path) as zf:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+
+
+# --- what a feature file holds ---------------------------------------------------------------------
+
+def test_feature_record_round_trips_and_swapped_folders_are_refused(tmp_path, capsys):
+    from engine.features import check_kind
+    from launch.retrieve import main as retrieve_main
+
+    rng = np.random.default_rng(0)
+    x, q = grid_features(rng, 6, 4), grid_features(rng, 3, 4)
+    models = {"image_model": "ViT-tiny-test", "text_model": "BERT-tiny-test"}
+    for i, (a, b) in enumerate([(0, 4), (4, 6)]):
+        save_features(tmp_path / "img" / shard_name(i, 2), np.arange(a, b) + 100, x[a:b], {**models, "kind": "image"})
+    save_features(tmp_path / "txt" / shard_name(0, 1), [1, 2, 3], q, {**models, "kind": "text"})
+    assert open_features(tmp_path / "img").meta == {**models, "kind": "image", "dim": 4, "count": 6}
+    assert open_features(tmp_path / "txt").meta["kind"] == "text"
+
+    pred = tmp_path / "pred.jsonl"
+    args = ["--top-k", "2", "--output", str(pred), "--no-progress"]
+    assert retrieve_main(["--image-feats", str(tmp_path / "txt"), "--text-feats", str(tmp_path / "img"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--image-feats {tmp_path / 'txt'} holds 3 text features" in err, err
+    assert "swapped" in err and not pred.exists()
+    assert retrieve_main(["--image-feats", str(tmp_path / "img"), "--text-feats", str(tmp_path / "txt"), *args]) == 0
+    assert pred.exists() and "warning" not in capsys.readouterr().err
+
+    # features of another model: their spaces do not match
+    save_features(tmp_path / "other.npz", [1, 2, 3], q, {**models, "text_model": "RBT3-chinese", "kind": "text"})
+    assert retrieve_main(["--image-feats", str(tmp_path / "img"), "--text-feats", str(tmp_path / "other.npz"),
+                          *args]) == 2
+    assert "come from different models" in capsys.readouterr().err
+    # MUGE jsonl says what it holds through its id key
+    write_feature_jsonl(tmp_path / "q.jsonl", np.array([1, 2, 3]), q, "query_id")
+    with pytest.raises(InputError, match="holds 3 text features, not image features"):
+        check_kind(open_features(tmp_path / "q.jsonl").meta, "image", "--image-feats q.jsonl")
+    # files without a record (written before records existed) are read, with a warning
+    save_features(tmp_path / "old_img.npz", np.arange(6), x)
+    save_features(tmp_path / "old_txt.npz", [1, 2, 3], q)
+    assert open_features(tmp_path / "old_img.npz").meta is None
+    assert retrieve_main(["--image-feats", str(tmp_path / "old_img.npz"), "--text-feats",
+                          str(tmp_path / "old_txt.npz"), *args]) == 0
+    assert "no record of what these features are" in capsys.readouterr().err
+    # a set mixing shards of two extractions is refused
+    save_features(tmp_path / "img" / shard_name(1, 2), [104, 105], x[4:], {**models, "kind": "text"})
+    with pytest.raises(InputError, match="differs from"):
+        open_features(tmp_path / "img")
+    # a record that does not match the arrays beside it
+    np.savez(tmp_path / "liar.npz", ids=np.arange(1), feats=x[:1],
+             meta=np.frombuffer(json.dumps({"kind": "image", "dim": 4, "count": 9}).encode(), np.uint8))
+    with pytest.raises(InputError, match="its record says 9 x 4"):
+        open_features(tmp_path / "liar.npz")
