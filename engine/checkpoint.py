@@ -7,10 +7,19 @@ Layout under <run>/checkpoints/:
     latest                the newest complete tag; rewritten atomically only after meta.json exists
 
 A kill at any moment therefore leaves `latest` naming a complete checkpoint: a half-written tag dir
-has no meta.json and is never named by `latest` (and is deleted when the run passes it again).
+has no meta.json and is never named by `latest` (and is deleted when the run saves that step again).
+
+Ownership: every checkpoint records its run's `run_id` (client_state; a resumed run keeps the id
+of the checkpoint it resumed from). Pruning deletes only complete tags of this run id, up to the
+step just saved: another run's tags, tags written before run ids existed and half-written tags are
+never pruned, and a complete tag in the way of a save is moved aside, not deleted.
+
+A save that fails for lack of disk space raises NoSpaceError naming the path; `latest` still names
+the previous complete checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -73,41 +83,98 @@ def _fault_point(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class NoSpaceError(InputError):
+    """The disk filled up during a save (the CLI prints one line and exits 2)."""
+
+
+def _clear_the_way(tag_dir: Path) -> None:
+    """Rank 0, before saving into tag_dir: a half-written one (no meta.json) is the debris of a
+    crashed save and is removed; a complete one (a branch from an earlier step met its own
+    future) is work, and is moved aside to <tag>.old-<time>."""
+    if not tag_dir.exists():
+        return
+    if not (tag_dir / META).is_file():
+        shutil.rmtree(tag_dir)
+        return
+    aside = tag_dir.with_name(f"{tag_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    tag_dir.rename(aside)
+    log.warning("%s already held a complete checkpoint; moved it to %s", tag_dir, aside.name)
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: Dict[str, Any], keep_last: int) -> str:
-    """Save a complete checkpoint for `step` on every rank; returns the tag. A collective."""
+    """Save a complete checkpoint for `step` on every rank; returns the tag. A collective.
+    client_state["run_id"] marks the tag as this run's (see prune)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if dist.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # left by an earlier run that died while saving this same step
-            shutil.rmtree(tag_dir)
+        _clear_the_way(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    with atomic_path(tag_dir / f"rng_rank{dist.rank()}.pt") as tmp:
-        torch.save(rng_state(), tmp)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        with atomic_path(tag_dir / f"rng_rank{dist.rank()}.pt") as tmp:
+            torch.save(rng_state(), tmp)
+    except (OSError, RuntimeError) as e:
+        raise _no_space_or(e, ckpt_dir, tag)
     _fault_point(step)
     dist.barrier()  # every rank's files are on disk before the tag is declared complete
     if dist.is_main():
         meta = {"step": step, "world_size": dist.world_size(), "client_state": client_state}
-        with atomic_write(tag_dir / META) as f:
-            json.dump(meta, f, indent=2)
-        with atomic_write(ckpt_dir / LATEST) as f:
-            f.write(tag + "\n")
-        prune(ckpt_dir, keep_last, newest=step)
+        try:
+            with atomic_write(tag_dir / META) as f:
+                json.dump(meta, f, indent=2)
+            with atomic_write(ckpt_dir / LATEST) as f:
+                f.write(tag + "\n")
+        except OSError as e:
+            raise _no_space_or(e, ckpt_dir, tag)
+        prune(ckpt_dir, keep_last, newest=step, run_id=client_state.get("run_id"))
     dist.barrier()
     return tag
 
 
-def prune(ckpt_dir: Path, keep_last: int, newest: int) -> None:
-    """Keep the newest `keep_last` tags up to `newest`; delete the rest, including leftovers past
-    `newest` (a crashed run's future that this run is redoing)."""
+def _tag_bytes(tag_dir: Path) -> int:
+    return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()) if tag_dir.is_dir() else 0
+
+
+def _no_space_or(error: Exception, ckpt_dir: Path, tag: str) -> Exception:
+    """A NoSpaceError when the disk is full (ENOSPC/EDQUOT, or DeepSpeed's opaque 'iostream error'
+    while less space is left than the last checkpoint took), else the error itself."""
+    latest = ckpt_dir / LATEST
+    previous = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    free = shutil.disk_usage(ckpt_dir).free
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        need = _tag_bytes(ckpt_dir / previous) if previous else 0
+        full = free < max(need, 16 << 20)
+    if not full:
+        return error
+    kept = (f"the last complete checkpoint {previous} stays `latest` (resume with --resume latest once "
+            f"there is room)" if previous else "no earlier checkpoint of this run exists")
+    return NoSpaceError(f"no space left on {ckpt_dir} while saving checkpoint {tag} ({free / 2**20:.0f} MiB "
+                        f"free; {type(error).__name__}: {error}); {kept}; the half-written {tag} is never "
+                        f"named by `latest` and can be deleted")
+
+
+def _owner(tag_dir: Path) -> Optional[str]:
+    try:
+        meta = json.loads((tag_dir / META).read_text(encoding="utf-8"))
+        return (meta.get("client_state") or {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prune(ckpt_dir: Path, keep_last: int, newest: int, run_id: Optional[str]) -> None:
+    """Keep the newest `keep_last` complete tags of run `run_id` up to step `newest` and delete
+    its older ones. Nothing else is touched: other runs' tags, tags without a run id, tags past
+    `newest` (a branch's old future) and half-written ones stay."""
+    if not run_id:
+        return
     tags = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).iterdir()
                   if p.is_dir() and (m := TAG_RE.match(p.name)))
-    kept = [p for s, p in tags if s <= newest][-keep_last:]
-    for _, p in tags:
-        if p not in kept:
-            shutil.rmtree(p, ignore_errors=True)
+    own = [p for s, p in tags if s <= newest and (p / META).is_file() and _owner(p) == run_id]
+    for p in own[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # --- resume ---------------------------------------------------------------------------------------

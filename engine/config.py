@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0 = off)")
     r.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
     r.add_argument("--resume", default=None, help="'latest' (this run's newest checkpoint) or a checkpoint dir")
+    r.add_argument("--overwrite", action="store_true", help="start afresh in a run dir that holds a run: the "
+                   "old run is moved to <logs>/<name>.old-<time> first (never deleted)")
     r.add_argument("--export", action="store_true",
                    help="write the consolidated fp32 state dict to <run>/model_fp32.pt at the end")
     r.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (0 = each epoch)")
@@ -144,6 +146,7 @@ class TrainConfig:
     keep_last: int
     resume: Optional[str]
     export: bool
+    overwrite: bool
     val_every_steps: int
     log_every_steps: int
     dist_timeout: float
@@ -343,6 +346,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         raise InputError(f"--name {run_name!r}: a plain name, not a path (the run dir is <logs>/<name>)")
     if args.resume and args.resume != "latest":
         _need_exists(args.resume, "--resume")
+    if args.resume and args.overwrite:
+        raise InputError("--overwrite starts afresh and --resume continues: give one of them")
     if args.resume == "latest":
         latest = Path(args.logs) / run_name / "checkpoints" / "latest"
         if not latest.is_file():
@@ -358,7 +363,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, wd=args.wd, warmup=args.warmup,
         seed=args.seed, local_loss=args.local_loss, accumulation=args.accumulation, logs=args.logs,
         name=run_name, save_frequency=args.save_frequency, save_every_steps=args.save_every_steps,
-        keep_last=args.keep_last, resume=args.resume, export=args.export,
+        keep_last=args.keep_last, resume=args.resume, export=args.export, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
         dist_timeout=args.dist_timeout, world_size=ws, ds=ds)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -27,8 +28,30 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _Held(logging.Handler):
+    """Holds rank 0's records until the run dir exists (it is created only once start-up checks
+    passed), then replays them into train.log, so the log still starts at the beginning."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _route(root: logging.Logger) -> None:
+    # engine.* modules log through logging.getLogger(__name__): route them the same way.
+    for name in ("engine", "models", "data"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = root.handlers
+        lg.setLevel(root.level)
+        lg.propagate = False
+
+
 def setup_logging(run_dir: Optional[Path], rank: int) -> logging.Logger:
-    """Configure the 'clip' logger (and this package's module loggers) for this rank."""
+    """Configure the 'clip' logger (and this package's module loggers) for this rank. On rank 0
+    without a run dir yet, records are held for `attach_run_log`."""
     root = logging.getLogger(LOGGER_NAME)
     root.handlers.clear()
     root.propagate = False
@@ -37,42 +60,68 @@ def setup_logging(run_dir: Optional[Path], rank: int) -> logging.Logger:
     handler = _TqdmHandler(sys.stdout)
     handler.setFormatter(fmt)
     root.addHandler(handler)
+    if rank == 0:
+        root.addHandler(_Held())
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    _route(root)
     if rank == 0 and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    level = logging.INFO if rank == 0 else logging.WARNING
-    root.setLevel(level)
-    # engine.* modules log through logging.getLogger(__name__): route them the same way.
-    for name in ("engine", "models", "data"):
-        lg = logging.getLogger(name)
-        lg.handlers[:] = root.handlers
-        lg.setLevel(level)
-        lg.propagate = False
+        attach_run_log(run_dir)
     return root
 
 
+def attach_run_log(run_dir: Path) -> None:
+    """Rank 0: start <run_dir>/train.log with the records held so far (no-op on other ranks)."""
+    root = logging.getLogger(LOGGER_NAME)
+    held = [h for h in root.handlers if isinstance(h, _Held)]
+    if not held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    fh.setFormatter(root.handlers[0].formatter)
+    for record in held[0].records:
+        fh.handle(record)
+    root.removeHandler(held[0])
+    root.addHandler(fh)
+    _route(root)
+
+
 class ScalarWriter:
-    """TensorBoard scalars under <run>/tensorboard on rank 0; a no-op elsewhere."""
+    """TensorBoard scalars under <run>/tensorboard on rank 0; a no-op elsewhere.
+
+    Events are written synchronously through tensorboardX's record writer (its SummaryWriter
+    queues them for a background thread, whose flush() does not wait for the queue), and flushed
+    every FLUSH_SECS and whenever the trainer asks: before each checkpoint commits, so a kill after
+    a checkpoint never loses the points that led to it (they are not logged again on resume).
+    """
+
+    FLUSH_SECS = 10.0
 
     def __init__(self, log_dir: Optional[Path]):
         self._writer = None
         if log_dir is not None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self._writer = SummaryWriter(logdir=str(log_dir), flush_secs=10)
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(str(Path(log_dir) / "events"))
+            self._flushed = time.monotonic()
 
     def add(self, step: int, values: Dict[str, Optional[float]]) -> None:
         if self._writer is None:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
         for tag, value in values.items():
             if value is not None:
-                self._writer.add_scalar(tag, float(value), global_step=step)
+                self._writer.write_event(Event(wall_time=now, step=int(step), summary=scalar(tag, float(value))))
+        if time.monotonic() - self._flushed > self.FLUSH_SECS:
+            self.flush()
 
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -12,13 +12,14 @@ import random
 import signal
 import sys
 import time
+import uuid
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
 from data.files import InputError
-from engine import checkpoint, dist
+from engine import checkpoint, dist, rundir
 from engine.accumulation import ContrastiveStep
 from engine.config import TrainConfig, write_config
 from engine.logging import ScalarWriter, setup_logging
@@ -63,16 +64,22 @@ class Trainer:
         from data.lmdb_store import ImageStore
         from data.pairs import check_ids_present, read_queries, training_pairs
         from data.tokenizer import load_tokenizer
+        from models import load_vision_config
 
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.vocab)
         self.store = ImageStore(cfg.train_img)
+        vstore = ImageStore(cfg.val_img) if cfg.val_data else None
+        want = load_vision_config(cfg.model).image_resolution  # read from the config: nothing built yet
+        for flag, path, store in (("--train-img", cfg.train_img, self.store), ("--val-img", cfg.val_img, vstore)):
+            if store is not None and store.resolution != want:
+                raise InputError(f"{flag} {path} holds {store.resolution} px images but --model {cfg.model} "
+                                 f"expects {want} px; rebuild the LMDB with launch/build_lmdb.py --resolution {want}")
+        self.tokenizer = load_tokenizer(cfg.vocab)
         queries = read_queries(cfg.train_data)
         check_ids_present(queries, self.store, cfg.train_data)
         pairs = training_pairs(queries)
         self.dataset = PairDataset(pairs, self.store, self.tokenizer, cfg.context_length)
         if cfg.val_data:
-            vstore = ImageStore(cfg.val_img)
             vqueries = read_queries(cfg.val_data)
             check_ids_present(vqueries, vstore, cfg.val_data)
             self.val = (vstore, vqueries)
@@ -119,13 +126,6 @@ class Trainer:
                              f"max_position_embeddings {max_pos}")
         model = build_clip(cfg.model, cfg.text_model, grad_checkpointing=cfg.grad_checkpointing,
                            vocab_size=self._vocab_size())
-        if model.image_resolution != self.store.resolution:
-            raise InputError(f"--train-img {cfg.train_img} holds {self.store.resolution} px images but "
-                             f"--model {cfg.model} expects {model.image_resolution} px; rebuild the LMDB "
-                             f"with launch/build_lmdb.py --resolution {model.image_resolution}")
-        if self.val and self.val[0].resolution != model.image_resolution:
-            raise InputError(f"--val-img {cfg.val_img} holds {self.val[0].resolution} px images, the model "
-                             f"expects {model.image_resolution} px")
         if not cfg.resume:  # a resumed run takes every weight from its checkpoint
             self._load_weights(model)
         if cfg.freeze_image_tower:
@@ -165,10 +165,11 @@ class Trainer:
         # A default run name is a timestamp: take rank 0's so all ranks write one run dir.
         cfg = self.cfg = dataclasses.replace(cfg, name=dist.broadcast_object(cfg.name))
         main = dist.is_main()
-        setup_logging(cfg.run_dir if main else None, dist.rank())
+        setup_logging(None, dist.rank())  # train.log starts when the run dir is created (below)
+        rundir.claim(cfg.run_dir, cfg.resume, cfg.overwrite)  # refused before anything is written
         log.info("run dir %s; world size %d; DeepSpeed config %s (ZeRO %d, %s)", cfg.run_dir, cfg.world_size,
                  cfg.ds.path, cfg.ds.zero_stage, cfg.ds.precision)
-        self.tb = ScalarWriter(cfg.run_dir / "tensorboard" if main else None)
+        self.run_id = dist.broadcast_object(uuid.uuid4().hex)  # marks this run's checkpoints (see prune)
 
         seed_all(cfg.seed)  # the same initial weights on every rank
         self._build_data()
@@ -194,6 +195,8 @@ class Trainer:
             seed_all(cfg.seed + 1009 * dist.rank())  # per-rank dropout streams
         end_step = total_steps if not cfg.max_steps else min(total_steps, cfg.max_steps)
 
+        # Every start-up check passed: only now does the run dir appear (a failed start leaves none).
+        self.tb = rundir.create(cfg.run_dir, cfg.overwrite)
         if main:
             write_config(cfg, {"micro_batch": micro, "grad_accum": gas, "global_batch": cfg.ds.global_batch,
                                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
@@ -224,6 +227,7 @@ class Trainer:
                              ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) +
                              "; an exact resume needs the same data, world size and batch config (start a "
                              "new run with --init-from <run>/model_fp32.pt to change them)")
+        self.run_id = state.get("run_id") or self.run_id  # checkpoints from before run ids: a new id
         epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
@@ -368,6 +372,7 @@ class Trainer:
         log.info("step %d validation: mean recall %.2f (R@1 %.2f R@5 %.2f R@10 %.2f) in %.1fs", step,
                  metrics["mean_recall"], metrics["r1"], metrics["r5"], metrics["r10"], time.perf_counter() - t0)
         self.tb.add(step, {f"val/{k}": v for k, v in metrics.items()})
+        self.tb.flush()
         return metrics
 
     def _full_root_params(self):
@@ -385,8 +390,9 @@ class Trainer:
     def save(self, step: int, state: Dict[str, Any]) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
-        client = {**state, "global_step": step, "world_size": cfg.world_size, "micro_batch": cfg.ds.micro_batch,
-                  "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset),
+        self.tb.flush()  # the points up to this step reach the disk before the checkpoint commits
+        client = {**state, "global_step": step, "run_id": self.run_id, "world_size": cfg.world_size,
+                  "micro_batch": cfg.ds.micro_batch, "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset),
                   "samples_per_rank_done": state["step_in_epoch"] * cfg.ds.micro_batch * cfg.ds.grad_accum}
         tag = checkpoint.save(self.engine, cfg.checkpoint_dir, step, client, cfg.keep_last)
         log.info("saved checkpoint %s in %.1fs", cfg.checkpoint_dir / tag, time.perf_counter() - t0)

@@ -83,12 +83,12 @@ def test_killed_during_save_then_resumed_is_bit_identical(tmp_path):
 
 # --- the checkpoint bookkeeping on its own (no processes) ----------------------------------------
 
-def _tag(base, step, complete=True):
+def _tag(base, step, complete=True, run_id=None):
     from engine.checkpoint import META, tag_for
     d = base / tag_for(step)
     d.mkdir(parents=True)
     if complete:
-        (d / META).write_text("{}")
+        (d / META).write_text(json.dumps({"step": step, "client_state": {"run_id": run_id} if run_id else {}}))
     return d
 
 
@@ -114,15 +114,22 @@ def test_resolve_accepts_only_complete_checkpoints(tmp_path):
         resolve("latest", tmp_path / "empty")
 
 
-def test_prune_keeps_the_newest_up_to_the_committed_step(tmp_path):
+def test_prune_deletes_only_this_runs_older_complete_tags(tmp_path):
     from engine.checkpoint import prune
 
-    for s in (1, 2, 3, 4):
-        _tag(tmp_path, s)
-    _tag(tmp_path, 5, complete=False)  # a crashed run's future: stale
+    for s in (2, 3, 4):
+        _tag(tmp_path, s, run_id="mine")
+    _tag(tmp_path, 0)  # written before run ids existed: nobody's to delete
+    _tag(tmp_path, 1, run_id="theirs")  # another run's
+    _tag(tmp_path, 5, complete=False)  # half-written: a crashed save's debris, not pruned
+    _tag(tmp_path, 7, run_id="mine")  # this run's old future (a branch resumed from an earlier step)
     (tmp_path / "unrelated").mkdir()
-    prune(tmp_path, keep_last=2, newest=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004", "unrelated"]
+    prune(tmp_path, keep_last=2, newest=4, run_id="mine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000000", "step_00000001", "step_00000003", "step_00000004", "step_00000005", "step_00000007",
+        "unrelated"]
+    prune(tmp_path, keep_last=1, newest=4, run_id=None)  # no run id: nothing is known to be ours
+    assert (tmp_path / "step_00000003").is_dir()
 
 
 def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
