@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -36,6 +35,7 @@ import torch
 
 from data.files import InputError, atomic_path, atomic_write
 from engine import dist
+from engine.rundir import move_aside
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def _clear_the_way(tag_dir: Path) -> None:
     if not (tag_dir / META).is_file():
         shutil.rmtree(tag_dir)
         return
-    aside = tag_dir.with_name(f"{tag_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    tag_dir.rename(aside)
+    aside = move_aside(tag_dir)
     log.warning("%s already held a complete checkpoint; moved it to %s", tag_dir, aside.name)
 
 

@@ -69,15 +69,16 @@ def claim(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
         raise InputError(message)
 
 
-def move_aside(run_dir: Path) -> Path:
-    """Rename `run_dir` to <name>.old-<time> (a free name beside it); returns the new path."""
+def move_aside(path: Path) -> Path:
+    """Rename `path` (a run dir, or a checkpoint tag in the way) to <name>.old-<time>, a free name
+    beside it; returns the new path. Work is moved, never deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    target = path.with_name(f"{path.name}.old-{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
-    run_dir.rename(target)
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    path.rename(target)
     return target
 
 

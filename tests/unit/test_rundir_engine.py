@@ -110,3 +110,24 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_latest(tmp_path, monke
         checkpoint.save(_Engine(RuntimeError("something else")), ckpt, 6, {"run_id": "r"}, 1)
     assert not isinstance(e.value, checkpoint.NoSpaceError)
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
+
+
+def test_a_save_moves_a_complete_tag_in_its_way_aside_and_clears_debris(tmp_path):
+    """Resumed from an older step, a run meets its old future: that complete tag is work (moved
+    aside); a half-written one is a crashed save's debris (removed)."""
+    class Saves:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (tmp_path / "ck" / tag).mkdir(exist_ok=True)
+            (tmp_path / "ck" / tag / "model.pt").write_bytes(b"new")
+
+    ck = tmp_path / "ck"
+    _committed(ck, 6)
+    (ck / "step_00000008").mkdir()
+    (ck / "step_00000008" / "partial.pt").write_bytes(b"half")
+    (ck / checkpoint.LATEST).write_text("step_00000002\n")
+    checkpoint.save(Saves(), ck, 6, {"run_id": "r"}, keep_last=5)
+    checkpoint.save(Saves(), ck, 8, {"run_id": "r"}, keep_last=5)
+    aside = [p for p in ck.iterdir() if p.name.startswith("step_00000006.old-")]
+    assert len(aside) == 1 and (aside[0] / "mp_rank_00_model_states.pt").read_bytes() == b"x" * 4096
+    assert not (ck / "step_00000008" / "partial.pt").exists()
+    assert (ck / "latest").read_text().strip() == "step_00000008"
