@@ -48,6 +48,10 @@ class WeightConversionError(InputError):
     """A weight file does not match the expected layout; the message lists the offending keys."""
 
 
+class VocabMismatchError(WeightConversionError):
+    """The weights fit the model except for the text vocabulary's size (the tokenizer's)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Reports and key checks
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +130,14 @@ def expected_shapes(vision: Union[str, PathLike, VisionConfig], text, vocab_size
     with torch.device("meta"):
         model = build_clip(vision, text, vocab_size=vocab_size)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def expected_state(vision, text, vocab_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Our state dict for a pair of configs as meta tensors (shapes only, no memory)."""
+    from .clip import build_clip
+
+    with torch.device("meta"):
+        return build_clip(vision, text, vocab_size=vocab_size).state_dict()
 
 
 def image_tower_shapes(vision: Union[str, PathLike, VisionConfig]) -> Dict[str, torch.Size]:
@@ -571,9 +583,10 @@ def convert_hf(folder: PathLike):
 
 
 def export_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig, text, folder: PathLike,
-              vocab: Optional[PathLike] = None) -> ConversionReport:
+              vocab: Optional[PathLike] = None, resize: str = "squash") -> ConversionReport:
     """Write a ChineseCLIPModel folder that `ChineseCLIPModel.from_pretrained` loads. With `vocab`
-    (a vocab.txt) also write the tokenizer, and always an image processor config for our resolution.
+    (a vocab.txt or its folder) also write the tokenizer, and always an image processor for our
+    resolution that resizes as the training store did (`resize`: squash or center-crop).
     The folder must not exist or be empty; it is written beside it and renamed into place."""
     from transformers import ChineseCLIPModel
 
@@ -592,7 +605,7 @@ def export_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig, text, fol
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=str(folder.parent)))
     try:
         hf.save_pretrained(tmp)
-        _save_processors(tmp, vision, vocab)
+        _save_processors(tmp, vision, vocab, resize)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
@@ -605,16 +618,19 @@ def export_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig, text, fol
     return report
 
 
-def _save_processors(folder: Path, vision: VisionConfig, vocab: Optional[PathLike]) -> None:
+def _save_processors(folder: Path, vision: VisionConfig, vocab: Optional[PathLike], resize: str) -> None:
     from transformers import ChineseCLIPImageProcessor
 
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     r = vision.image_resolution
-    ChineseCLIPImageProcessor(size={"height": r, "width": r}, crop_size={"height": r, "width": r},
+    # squash: R×R directly (Chinese-CLIP's); center-crop: shorter side to R, then the centre R×R.
+    size = {"height": r, "width": r} if resize == "squash" else {"shortest_edge": r}
+    ChineseCLIPImageProcessor(size=size, crop_size={"height": r, "width": r}, do_center_crop=resize != "squash",
                               image_mean=mean, image_std=std).save_pretrained(folder)
     if vocab is not None:
         from transformers import BertTokenizer
 
+        vocab = Path(vocab) / "vocab.txt" if Path(vocab).is_dir() else Path(vocab)
         tokenizer = BertTokenizer(vocab=str(vocab))
         if len(tokenizer) < 10:
             raise WeightConversionError(f"{vocab}: the vocabulary did not load ({len(tokenizer)} entries)")
@@ -627,12 +643,21 @@ def _save_processors(folder: Path, vision: VisionConfig, vocab: Optional[PathLik
 
 def read_clip_weights(path: PathLike) -> Tuple[StateDict, ConversionReport]:
     """Any full-CLIP source -> our state dict: a ChineseCLIPModel folder, a Chinese-CLIP checkpoint,
-    our own state dict (as saved by save_state_dict), or {"module": state dict}."""
+    our model file (models/model_file.py) or plain state dict (save_state_dict), or {"module": ...}."""
     path = Path(path)
     if path.is_dir():
         state, _, _, report = convert_hf(path)
         return state, report
-    obj = load_weights_file(path)
+    return clip_state_from_object(load_weights_file(path), path)
+
+
+def clip_state_from_object(obj: Mapping, path: PathLike) -> Tuple[StateDict, ConversionReport]:
+    """read_clip_weights for a file already loaded (load_weights_file)."""
+    from .model_file import is_model_file
+
+    if is_model_file(obj):
+        state = _tensors_only(obj["weights"], path)
+        return state, ConversionReport(f"model file {path}", "CLIP (ours)", mapped=len(state))
     if "state_dict" in obj:
         return from_chinese_clip(obj, f"Chinese-CLIP checkpoint {path}")
     if isinstance(obj.get("module"), Mapping):
@@ -697,9 +722,29 @@ def load_pretrained_clip(model: nn.Module, path: PathLike) -> str:
             raise WeightConversionError(f"{path}: vision heads/act {vision.vision_heads}/{vision.act} differ "
                                         f"from the model's {model.vision_config.vision_heads}/{model.vision_config.act}")
         check_text_compatible(model.bert.config, text, str(path))
-    check_keys(state, _model_shapes(model), str(path))
+    check_architecture(state, model.state_dict(), str(path))
     _copy_into(model, state)
     return str(report)
+
+
+def check_architecture(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], what: str) -> None:
+    """check_keys, but a different architecture is one line naming what the weights are (read from
+    their shapes) and what the model is, and a different text vocabulary raises VocabMismatchError."""
+    from .model_file import describe_state, text_shape
+
+    try:
+        check_keys(state, {k: v.shape for k, v in model_state.items()}, what)
+    except WeightConversionError:
+        emb = "bert.embeddings.word_embeddings.weight"
+        wrong = {k for k in set(state) & set(model_state) if tuple(state[k].shape) != tuple(model_state[k].shape)}
+        if set(state) == set(model_state) and wrong == {emb}:
+            raise VocabMismatchError(
+                f"{what}: the weights' text vocabulary has {state[emb].shape[0]} tokens, the model's "
+                f"{model_state[emb].shape[0]}: use the tokenizer (vocab.txt) the weights were trained with") from None
+        theirs, ours = describe_state(state), describe_state(model_state)
+        if theirs != ours or text_shape(state) != text_shape(model_state):
+            raise WeightConversionError(f"{what}: the weights are {theirs}; the model is {ours}") from None
+        raise
 
 
 def write_config_json(data: dict, path: PathLike) -> None:

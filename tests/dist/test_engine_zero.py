@@ -6,6 +6,7 @@ Riding along in the same processes: --freeze-image-tower with --grad-checkpointi
 import torch
 
 from models import build_clip
+from models.model_file import read_model_file
 from tests.dist.workers.engine_common import REPO, make_data, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 
@@ -33,9 +34,12 @@ def test_zero_stages_track_zero0(tmp_path):
     assert_all_ok(first)
     assert_all_ok(run_ranks([WORKER, str(tmp_path / "data"), str(logs), spec("z3")], timeout=240))
 
-    sd = {n: torch.load(logs / n / "model_fp32.pt", weights_only=True) for n in runs}
+    sd = {n: read_model_file(logs / n / "model_fp32.pt")[0] for n in runs}
     assert all(sd[n].keys() == sd["z0"].keys() for n in sd)
     vocab = sd["z0"]["bert.embeddings.word_embeddings.weight"].shape[0]
+    record = read_model_file(logs / "z0" / "model_fp32.pt")[1]  # the export describes the model
+    assert record["text"]["vocab_size"] == vocab and record["vision"]["image_resolution"] == 32
+    assert record["vocab"]["sha256"] and record["image"]["resize"] == "squash"
     torch.manual_seed(123)  # the trainer's default seed: the common starting point
     init = flat(build_clip("ViT-tiny-test", "BERT-tiny-test", vocab_size=vocab).state_dict())
     ref = flat(sd["z0"])
@@ -48,13 +52,13 @@ def test_zero_stages_track_zero0(tmp_path):
     cos = torch.dot(bf, ref - init) / (bf.norm() * update)
     assert cos > 0.9 and (bf.norm() / update - 1).abs() < 0.2, (cos, bf.norm() / update)
 
-    frozen = torch.load(logs / "frozen" / "model_fp32.pt", weights_only=True)
+    frozen = read_model_file(logs / "frozen" / "model_fp32.pt")[0]
     torch.manual_seed(123)
     start = build_clip("ViT-tiny-test", "BERT-tiny-test", vocab_size=vocab).state_dict()
     moved = {k for k in frozen if frozen[k].is_floating_point() and not torch.equal(frozen[k], start[k].float())}
     assert moved and not any(k.startswith("visual.") for k in moved), sorted(moved)[:5]
     assert "text_projection" in moved and any(k.startswith("bert.") for k in moved)
 
-    init = torch.load(logs / "init" / "model_fp32.pt", weights_only=True)
+    init = read_model_file(logs / "init" / "model_fp32.pt")[0]
     assert all(torch.allclose(init[k].float(), sd["z0"][k].float(), rtol=0, atol=1e-6) for k in init)
     assert not torch.allclose(flat(init), flat(start), atol=1e-3)  # it did load z0, not start from scratch
