@@ -63,7 +63,7 @@ python launch/evaluate.py "$OUT/valid_predictions.jsonl" "$DATA/valid_queries.js
 
 step "7/7 gallery"
 python launch/gallery.py --predictions "$OUT/valid_predictions.jsonl" --queries "$DATA/valid_queries.jsonl" \
-    --images "$OUT/lmdb/valid" --output "$OUT/gallery.html"
+    --images "$OUT/lmdb/valid" --output "$OUT/gallery.html" --run "$OUT/train"
 
 python - "$OUT/valid_score.json" "$MIN_MR" <<'PY'
 import json, sys
