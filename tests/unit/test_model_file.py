@@ -1,6 +1,5 @@
 """Self-describing model files: what they record, extract.py from the file alone, conflicts with flags,
 one-line architecture errors, the context-length check before any work, and images-only with --vocab."""
-import json
 import types
 
 import numpy as np
