@@ -46,14 +46,20 @@ def warn_preprocessing(init_from: Optional[str], store) -> Optional[str]:
     way than the store's: Chinese-CLIP checkpoints and HF folders squash; our model files record it."""
     if not init_from:
         return None
-    from models.convert import load_weights_file
+    import torch
+
     from models.model_file import unwrap
 
     path = Path(init_from)
     if path.is_dir():
         theirs, kind = "squash", "a ChineseCLIPModel folder (Chinese-CLIP's preprocessing)"
     else:
-        obj = load_weights_file(path)
+        try:  # memory-mapped: the weights were just loaded; only the keys and the record are read here
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  (a legacy or safetensors file: nothing to say about it)
+            return None
+        if not isinstance(obj, dict):
+            return None
         _, record = unwrap(obj, path)
         if record is not None:
             theirs, kind = record["image"]["resize"], "the model file's record"

@@ -2,7 +2,7 @@
 and bf16 ZeRO-2 with exact k=2 accumulation follows the same path approximately. Each run exports
 its consolidated fp32 state dict, which is what is compared (so the export is tested too).
 Riding along in the same processes: --freeze-image-tower with --grad-checkpointing, and
---init-from an exported state dict."""
+--init-from an exported model file with --export-hf (the transformers folder is loaded back)."""
 import torch
 
 from models import build_clip
@@ -27,7 +27,7 @@ def test_zero_stages_track_zero0(tmp_path):
     # ZeRO 0/1/2 and bf16 share one process per rank; ZeRO-3 needs its own (see the worker)
     extra = [f"frozen:{runs['z1']}:{FLAGS},--freeze-image-tower,--grad-checkpointing",
              # starting from z0's export with a negligible lr must reproduce it
-             f"init:{runs['z0']}:--max-steps,1,--export,--save-frequency,0,--lr,1e-20,"
+             f"init:{runs['z0']}:--max-steps,1,--export-hf,--save-frequency,0,--lr,1e-20,"
              f"--init-from,{logs / 'z0' / 'model_fp32.pt'}"]
     first = run_ranks([WORKER, str(tmp_path / "data"), str(logs)] + [spec(n) for n in ("z0", "z1", "z2", "z2bf16")]
                       + extra, timeout=240)
@@ -62,3 +62,11 @@ def test_zero_stages_track_zero0(tmp_path):
     init = read_model_file(logs / "init" / "model_fp32.pt")[0]
     assert all(torch.allclose(init[k].float(), sd["z0"][k].float(), rtol=0, atol=1e-6) for k in init)
     assert not torch.allclose(flat(init), flat(start), atol=1e-3)  # it did load z0, not start from scratch
+
+    # --export-hf: transformers loads the run's folder with every weight, sized to the run's tokenizer
+    from transformers import BertTokenizer, ChineseCLIPModel
+
+    hf, info = ChineseCLIPModel.from_pretrained(logs / "init" / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.config.text_config.vocab_size == vocab == len(BertTokenizer.from_pretrained(logs / "init" / "hf"))
+    torch.testing.assert_close(hf.text_projection.weight.t(), init["text_projection"], rtol=0, atol=0)

@@ -10,7 +10,7 @@ from models import build_clip
 from models.convert import load_pretrained_clip, read_clip_weights
 from models.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
-from tests.ranks import REPO, assert_all_ok, base_env, run_ranks
+from tests.ranks import assert_all_ok, base_env, run_ranks
 
 
 def test_zero2_checkpoint_through_zero_to_fp32_is_the_export(tmp_path):
@@ -22,8 +22,10 @@ def test_zero2_checkpoint_through_zero_to_fp32_is_the_export(tmp_path):
     ckpt = logs / "z" / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     assert tag == "step_00000002"
-    out = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt), str(tmp_path / "cons"),
-                          "--tag", tag], cwd=str(REPO), env=base_env(), capture_output=True, text=True, timeout=240)
+    script = ckpt / "zero_to_fp32.py"  # DeepSpeed copies it beside ZeRO checkpoints
+    assert script.is_file()
+    out = subprocess.run([sys.executable, str(script), str(ckpt), str(tmp_path / "cons"), "--tag", tag],
+                         cwd=str(tmp_path), env=base_env(), capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     consolidated = tmp_path / "cons" / "pytorch_model.bin"
     state, _ = read_clip_weights(consolidated)  # torch.load(weights_only=True) underneath
