@@ -6,7 +6,8 @@ from a self-describing model file (models/model_file.py) alone, or from flags fo
 
 Flags given explicitly (model, text_model, vocab, context_length) must agree with the file's record;
 a conflict is an error naming both. Without a record (a plain state dict, a Chinese-CLIP checkpoint,
-an HF folder) the flags say what the record would, with the defaults of the tools.
+an HF folder without flags reads its config.json and tokenizer) the flags say what the record would,
+with the defaults of the tools.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from data.files import InputError
+from data.files import InputError, read_json_object
 from data.images import IMAGE_MEAN, IMAGE_STD
 
 DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
@@ -71,6 +72,14 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
         context = int(record["context_length"])
         tokenizer = tokenizer or _tokenizer_from_record(record)
         image = dict(record["image"])
+    elif path is not None and path.is_dir() and not (model or text_model):
+        # A ChineseCLIPModel folder describes itself too: config.json, and its tokenizer when saved.
+        vision, text = convert.ours_from_hf_config(read_json_object(path / "config.json"), str(path))
+        if tokenizer is None and (path / "vocab.txt").is_file():
+            tokenizer = load_tokenizer(path)
+        context = DEFAULT_CONTEXT if context_length is None else int(context_length)
+        image = {"resolution": vision.image_resolution, "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+                 "resize": "squash"}
     else:
         vision = load_vision_config(model or DEFAULT_VISION)
         if tokenizer is not None:

@@ -226,3 +226,5 @@ def _save_processors(folder: Path, vision: VisionConfig, vocab: Optional[PathLik
         if len(tokenizer) < 10:
             raise WeightConversionError(f"{vocab}: the vocabulary did not load ({len(tokenizer)} entries)")
         tokenizer.save_pretrained(folder)
+        if not (folder / "vocab.txt").is_file():  # transformers 5 writes tokenizer.json only; our tools read vocab.txt
+            shutil.copyfile(vocab, folder / "vocab.txt")

@@ -57,11 +57,16 @@ def test_to_hf_from_the_model_file_alone(tmp_path, resize, size):
     assert not torch.allclose(hf_pixels, normalize_uint8(torch.from_numpy(preprocess_image(img, 32, other))[None]),
                               atol=1e-2)
 
+    # The exported folder is itself a complete model for our tools (configs and tokenizer from it).
+    again = load_model(str(tmp_path / "hf"))
+    assert torch.equal(tokenize(again.tokenizer, texts, 16), ids)
+
     hf.eval()
     want_img, want_txt = hf_features(hf, our_pixels, ids)
     with torch.no_grad():
         torch.testing.assert_close(ours.model.encode_image(our_pixels), want_img, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.model.encode_text(ids), want_txt, atol=1e-5, rtol=0)
+        torch.testing.assert_close(again.model.encode_image(our_pixels), want_img, atol=1e-5, rtol=0)
 
 
 def test_to_hf_plain_state_dict_with_a_small_vocab(tmp_path):
