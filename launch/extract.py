@@ -33,7 +33,9 @@ def check_store(store, loaded, where) -> None:
     if store.resolution != loaded.resolution:
         raise InputError(f"--image-lmdb {where} holds {store.resolution} px images, the model expects "
                          f"{loaded.resolution} px")
-    if loaded.resize is not None and store.resize != loaded.resize:
+    from engine import dist
+
+    if loaded.resize is not None and store.resize != loaded.resize and dist.is_main():
         print(f"extract.py: warning: {where} was built with --resize {store.resize}, the model was trained on images "
               f"resized by {loaded.resize}; rebuild it with launch/build_lmdb.py --resize {loaded.resize}",
               file=sys.stderr)
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         store = queries = None
         # Model, tokenizer and context length first: a mismatch ends the run before any work.
         loaded = load_model(a.weights, a.run, a.model, a.text_model, a.vocab, a.context_length)
-        if loaded.weights is None:
+        if loaded.weights is None and dist.is_main():
             print("extract.py: warning: no --weights, encoding with random weights", file=sys.stderr)
         if a.queries and loaded.tokenizer is None:
             raise InputError("--queries needs --vocab (or a model file that carries its vocabulary)")
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         if dist.is_main():
             print(f"extracted on {dist.world_size()} rank(s) in {time.perf_counter() - t0:.1f}s: "
                   + ", ".join(f"{k} -> {v}" for k, v in written.items()))
-    except InputError as e:
+    except ValueError as e:  # InputError / WeightConversionError (bad files), unknown config names
         print(f"extract.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
