@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import lmdb
 
 from data.files import InputError, atomic_write
-from data.images import IMAGE_MEAN, IMAGE_STD, load_and_preprocess
+from data.images import IMAGE_MEAN, IMAGE_STD, check_resize, load_and_preprocess
 from data.lmdb_store import ImageStoreWriter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -174,7 +174,7 @@ Item = Tuple[Optional[int], str, bytes, bool, str]  # id, where, payload, is_bas
 def _decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]:
     """[(id, where, uint8 CHW bytes or None, error)] in input order; items that already carry an
     error (a bad line) pass through so the caller sees problems in file order."""
-    items, resolution = args
+    items, resolution, resize = args
     out = []
     for image_id, where, payload, is_base64, error in items:
         if error:
@@ -182,7 +182,7 @@ def _decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]
             continue
         try:
             raw = decode_base64(payload) if is_base64 else payload
-            out.append((image_id, where, load_and_preprocess(raw, resolution).tobytes(), ""))
+            out.append((image_id, where, load_and_preprocess(raw, resolution, resize).tobytes(), ""))
         except InputError as e:  # corrupt base64, not an image, truncated image
             out.append((image_id, where, None, str(e)))
     return out
@@ -217,13 +217,15 @@ def _chunks(records: Iterator[Record], done: set, size: int, result: BuildResult
 
 def build_store(input_path: PathLike, output: PathLike, resolution: int, on_error: str = "fail",
                 workers: Optional[int] = None, chunk_size: int = 64, report_path: Optional[PathLike] = None,
-                map_size: int = 1 << 28, progress: bool = True, mean=IMAGE_MEAN, std=IMAGE_STD) -> BuildResult:
+                map_size: int = 1 << 28, progress: bool = True, mean=IMAGE_MEAN, std=IMAGE_STD,
+                resize: str = "squash") -> BuildResult:
     """Build (or resume) the store at `output` from `input_path`. See the module docstring.
 
     on_error="fail": the first bad image raises BuildError naming its id and line; the images before
     it are kept (the store stays marked incomplete), so a rerun after fixing the input resumes.
     on_error="skip": bad images are listed in `report_path` (default <output>/skipped.tsv) and the
-    build completes without them. workers=0 or 1 decodes in this process.
+    build completes without them. workers=0 or 1 decodes in this process. resize: "squash" (R×R,
+    Chinese-CLIP's) or "center-crop" (see data.images.preprocess_image); the manifest records it.
     """
     from tqdm import tqdm
 
@@ -231,6 +233,7 @@ def build_store(input_path: PathLike, output: PathLike, resolution: int, on_erro
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
+    check_resize(resize)
     input_path = Path(input_path)
     kind, records, total, unit = open_source(input_path)
     result = BuildResult()
@@ -241,7 +244,7 @@ def build_store(input_path: PathLike, output: PathLike, resolution: int, on_erro
         pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
     try:
         writer = ImageStoreWriter(output, resolution, source=f"{kind}:{input_path.resolve()}",
-                                  mean=mean, std=std, map_size=map_size)
+                                  mean=mean, std=std, map_size=map_size, resize=resize)
     except BaseException:
         if pool is not None:
             pool.terminate()
@@ -265,12 +268,12 @@ def build_store(input_path: PathLike, output: PathLike, resolution: int, on_erro
         chunks = _chunks(records, writer.existing_ids(), chunk_size, result, bar)
         if pool is None:
             for chunk in chunks:
-                handle(_decode_chunk((chunk, resolution)))
+                handle(_decode_chunk((chunk, resolution, resize)))
         else:
             # Bounded look-ahead: at most 4 chunks per worker are read and waiting.
             pending: collections.deque = collections.deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_decode_chunk, ((chunk, resolution),)))
+                pending.append(pool.apply_async(_decode_chunk, ((chunk, resolution, resize),)))
                 while len(pending) >= 4 * workers:
                     handle(pending.popleft().get())
             while pending:

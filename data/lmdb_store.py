@@ -3,7 +3,9 @@
 Layout (no pickles anywhere, so opening a downloaded store cannot run code):
   key  b"<image id as ASCII decimal>"  ->  raw bytes of a uint8 array [3, R, R] (C-order)
   key  b"__manifest__"                 ->  JSON: format, resolution, shape, dtype, count, mean, std,
-                                           source, complete
+                                           resize, source, complete
+"resize" is how images became R×R: "squash" or "center-crop" (data.images); a store written before the
+key existed was centre-cropped, and reads as such.
 The builder writes the manifest with complete=false before the first image and rewrites it with the
 final count and complete=true last, so an interrupted build is recognisable and readers refuse it.
 
@@ -24,7 +26,7 @@ import lmdb
 import numpy as np
 
 from data.files import InputError
-from data.images import IMAGE_MEAN, IMAGE_STD
+from data.images import IMAGE_MEAN, IMAGE_STD, LEGACY_RESIZE, check_resize
 
 MANIFEST_KEY = b"__manifest__"
 FORMAT = "uint8-chw-v1"
@@ -116,6 +118,7 @@ class ImageStore:
         self.resolution: int = int(self.manifest["resolution"])
         self.mean = tuple(self.manifest["mean"])
         self.std = tuple(self.manifest["std"])
+        self.resize: str = self.manifest.get("resize", LEGACY_RESIZE)
         self._nbytes = int(np.prod(self.shape))
         self._ids: Optional[List[int]] = None
 
@@ -230,8 +233,9 @@ class ImageStoreWriter:
 
     def __init__(self, path: PathLike, resolution: int, source: str = "",
                  mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
-                 map_size: int = 1 << 28):
+                 map_size: int = 1 << 28, resize: str = "squash"):
         self.path = Path(path)
+        self.resize = check_resize(resize)
         self.path.mkdir(parents=True, exist_ok=True)
         self.resolution = int(resolution)
         self.shape = (3, self.resolution, self.resolution)
@@ -251,6 +255,10 @@ class ImageStoreWriter:
             if [round(x, 8) for x in old["mean"]] != [round(x, 8) for x in mean] or \
                     [round(x, 8) for x in old["std"]] != [round(x, 8) for x in std]:
                 raise InputError(f"{self.path}: was built with another normalisation mean/std")
+            if old.get("resize", LEGACY_RESIZE) != self.resize:
+                raise InputError(f"{self.path}: already holds images resized by {old.get('resize', LEGACY_RESIZE)}, "
+                                 f"not {self.resize}; pass --resize {old.get('resize', LEGACY_RESIZE)} to resume "
+                                 f"it, or choose another --output")
             sources = old.get("source", "")
             if source and source not in sources.split(" + "):
                 source = f"{sources} + {source}" if sources else source
@@ -260,7 +268,7 @@ class ImageStoreWriter:
             raise InputError(f"{self.path}: an LMDB without our manifest; refusing to write into it")
         self.manifest = {
             "format": FORMAT, "resolution": self.resolution, "shape": list(self.shape), "dtype": "uint8",
-            "layout": "CHW", "mean": list(mean), "std": list(std), "source": source,
+            "layout": "CHW", "mean": list(mean), "std": list(std), "resize": self.resize, "source": source,
             "count": self._count(), "complete": False,
         }
         self._put_manifest()

@@ -251,12 +251,14 @@ def consolidated_fp32_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
     return out
 
 
-def export_fp32(engine, path: Path) -> Optional[Path]:
-    """Write the consolidated fp32 state dict (plain tensors, torch.load(weights_only=True)) on
-    rank 0, atomically. A collective."""
+def export_fp32(engine, path: Path, record: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+    """Write the consolidated fp32 weights on rank 0, atomically, loadable with
+    torch.load(weights_only=True): with `record` a self-describing model file (models/model_file.py),
+    without it a plain state dict. A collective."""
+    from models.model_file import save_model_file
+
     state = consolidated_fp32_state_dict(engine)
     if state is not None:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_model_file(state, record, path)
     dist.barrier()
     return Path(path) if state is not None else None

@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="start afresh in a run dir that holds a run: the "
                    "old run is moved to <logs>/<name>.old-<time> first (never deleted)")
     r.add_argument("--export", action="store_true",
-                   help="write the consolidated fp32 state dict to <run>/model_fp32.pt at the end")
+                   help="write <run>/model_fp32.pt at the end: fp32 weights plus their record (configs, "
+                   "vocab, context length, image preprocessing)")
+    r.add_argument("--export-hf", action="store_true", help="also write <run>/hf, a transformers "
+                   "ChineseCLIPModel folder with tokenizer and image processor (implies --export)")
     r.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps (0 = each epoch)")
     r.add_argument("--log-every-steps", type=int, default=10, help="log line + TensorBoard scalars every N steps")
     r.add_argument("--dist-timeout", type=float, default=300.0,
@@ -146,6 +149,7 @@ class TrainConfig:
     keep_last: int
     resume: Optional[str]
     export: bool
+    export_hf: bool
     overwrite: bool
     val_every_steps: int
     log_every_steps: int
@@ -363,7 +367,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, wd=args.wd, warmup=args.warmup,
         seed=args.seed, local_loss=args.local_loss, accumulation=args.accumulation, logs=args.logs,
         name=run_name, save_frequency=args.save_frequency, save_every_steps=args.save_every_steps,
-        keep_last=args.keep_last, resume=args.resume, export=args.export, overwrite=args.overwrite,
+        keep_last=args.keep_last, resume=args.resume, export=args.export or args.export_hf,
+        export_hf=args.export_hf, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
         dist_timeout=args.dist_timeout, world_size=ws, ds=ds)
 

@@ -4,8 +4,15 @@ Prediction lines: {"query_id": int, "item_ids": [k ints]}; reference lines: {"qu
 "item_ids": [ints], ...}. Chinese-CLIP's names ({"text_id", "image_ids"}) are accepted in both.
 Like the server, a prediction is rejected unless every reference query is predicted with exactly
 k unique integer ids and an integer query id; predictions for queries outside the reference are
-ignored. Stricter than the server in two places, both of which hide bugs there: a query predicted
-twice is an error (the server silently keeps the last line), and JSON booleans are not ids.
+ignored. Like the server, both files must be UTF-8 and every line must hold a JSON object: a blank
+or whitespace-only line is rejected, even one extra newline at the end of the file. Stricter than the
+server in two places, both of which hide bugs there: a query predicted twice is an error (the server
+silently keeps the last line), and JSON booleans are not ids.
+
+Which file is the reference and which the prediction is read from their content, so both argument
+orders work (the server's script takes REF PRED OUT, our README PRED REF OUT): the reference carries
+query texts, a prediction does not; failing that, the file with exactly k ids on every line is the
+prediction. When the content cannot tell them apart the order given is kept.
 
 The result file has the server's shape: {"success", "score", "scoreJson": {score, mean_recall, r1,
 r5, r10}} in percent, or success=false with the message in "errorMsg"/"errorDetail".
@@ -17,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.files import InputError, atomic_write, read_jsonl
+from data.files import InputError, atomic_write
 from engine.metrics import muge_scores
 
 QUERY_KEYS = ("query_id", "text_id")
@@ -54,7 +61,33 @@ def _query_id(obj: Dict[str, Any], where: str) -> int:
 
 
 def _read_rows(path: Path) -> Rows:
-    return list(read_jsonl(path))
+    """(line number, object) for every line, as strict as the server: UTF-8, one JSON object per line,
+    no blank lines. Line breaks are read as Python's text mode (the server's) reads them."""
+    if not path.is_file():
+        raise SchemaError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SchemaError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"save the file as UTF-8") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line is not a line of its own
+    rows: Rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise SchemaError(f"{path}:{lineno}: blank line (the MUGE server rejects a file with a blank line, "
+                              f"even one extra newline at the end)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise SchemaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
+    return rows
 
 
 def parse_reference(path: Path, rows: Rows) -> Dict[int, List[int]]:
@@ -99,37 +132,43 @@ def parse_predictions(path: Path, rows: Rows, reference: Dict[int, List[int]], k
     return predictions
 
 
-def swap_hint(pred_rows: Rows, ref_rows: Rows, k: int = 10) -> Optional[str]:
-    """A sentence when PRED looks like a reference file and REF like a prediction file."""
-    def has_text(rows: Rows) -> bool:
-        return any(any(t in obj for t in TEXT_KEYS) for _, obj in rows)
+def _has_text(rows: Rows) -> bool:
+    return any(any(t in obj for t in TEXT_KEYS) for _, obj in rows)
 
-    def all_k(rows: Rows) -> bool:
-        sizes = [len(obj.get("item_ids", obj.get("image_ids", [])) or []) for _, obj in rows]
-        return bool(sizes) and all(s == k for s in sizes)
 
-    if has_text(pred_rows) and not has_text(ref_rows):
-        return "the PRED file has query texts and the REF file has none: were PRED and REF swapped?"
-    if all_k(ref_rows) and not all_k(pred_rows) and not has_text(ref_rows):
-        return (f"the REF file has exactly {k} ids on every line and the PRED file does not: "
-                f"were PRED and REF swapped?")
-    return None
+def _all_k(rows: Rows, k: int) -> bool:
+    def size(obj: Dict[str, Any]) -> int:
+        items = next((obj[key] for key in ITEM_KEYS if key in obj), None)
+        return len(items) if isinstance(items, list) else -1
+
+    return bool(rows) and all(size(obj) == k for _, obj in rows)
+
+
+def is_swapped(first: Rows, second: Rows, k: int = 10) -> bool:
+    """True when the content says `first` is the reference and `second` the prediction. The reference
+    has query texts and a prediction none; else the prediction has exactly k ids on every line and the
+    reference does not. Files the content cannot tell apart keep the order given (False)."""
+    if _has_text(first) != _has_text(second):
+        return _has_text(first)
+    if _all_k(first, k) != _all_k(second, k):
+        return _all_k(second, k)
+    return False
 
 
 def evaluate(pred_path, ref_path, k: int = 10) -> Dict[str, float]:
-    """Scores in percent; raises SchemaError (with a swap hint when it fits) on a bad file."""
+    """Scores in percent; raises SchemaError on a bad file. The two files may come in either order
+    (see is_swapped); a line on stderr says which was taken as which."""
     pred_path, ref_path = Path(pred_path), Path(ref_path)
-    ref_rows = _read_rows(ref_path)
     pred_rows = _read_rows(pred_path)
-    try:
-        reference = parse_reference(ref_path, ref_rows)
-        predictions = parse_predictions(pred_path, pred_rows, reference, k)
-    except SchemaError as e:
-        hint = swap_hint(pred_rows, ref_rows, k)
-        raise SchemaError(f"{e} ({hint})" if hint else str(e)) from None
-    hint = swap_hint(pred_rows, ref_rows, k)
-    if hint:
-        print(f"warning: {hint}", file=sys.stderr)
+    ref_rows = _read_rows(ref_path)
+    swapped = is_swapped(pred_rows, ref_rows, k)
+    if swapped:
+        pred_path, ref_path, pred_rows, ref_rows = ref_path, pred_path, ref_rows, pred_rows
+    print(f"reference: {ref_path}; predictions: {pred_path}" +
+          (" (told from their content: they were given in the order REF PRED)" if swapped else ""),
+          file=sys.stderr)
+    reference = parse_reference(ref_path, ref_rows)
+    predictions = parse_predictions(pred_path, pred_rows, reference, k)
     return muge_scores(predictions, reference)
 
 

@@ -22,6 +22,7 @@ from data.files import InputError
 from engine import checkpoint, dist, rundir
 from engine.accumulation import ContrastiveStep
 from engine.config import TrainConfig, write_config
+from engine.export import export_run, warn_preprocessing
 from engine.logging import ScalarWriter, setup_logging
 from engine.optim import build_optimizer, param_groups, scheduler_factory
 
@@ -108,12 +109,13 @@ class Trainer:
         try:
             if cfg.init_from:
                 log.info("init: %s", convert.load_pretrained_clip(model, cfg.init_from))
+                warn_preprocessing(cfg.init_from, self.store)
             if cfg.clip_weight_path:
                 log.info("image tower: %s", convert.load_image_tower(model, cfg.clip_weight_path))
             if cfg.bert_weight_path:
                 log.info("text tower: %s", convert.load_text_tower(model, cfg.bert_weight_path))
-        except InputError as e:  # WeightConversionError is one; add the likely cause
-            note = getattr(self, "_vocab_note", None)
+        except InputError as e:  # a vocabulary of another size: add the likely cause
+            note = getattr(self, "_vocab_note", None) if isinstance(e, convert.VocabMismatchError) else None
             raise InputError(f"{e}\n({note})" if note else str(e)) from None
 
     def _build_model(self):
@@ -209,9 +211,7 @@ class Trainer:
 
         summary = self._loop(sampler, steps_per_epoch, epoch, start_step, end_step)
         if cfg.export:
-            out = checkpoint.export_fp32(engine, cfg.run_dir / "model_fp32.pt")
-            if out:
-                log.info("exported the consolidated fp32 state dict to %s", out)
+            export_run(engine, cfg, self.store)
         return summary
 
     def _resume(self, steps_per_epoch: int):

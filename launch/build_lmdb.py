@@ -20,6 +20,10 @@ def main(argv=None) -> int:
                    "Chinese-CLIP LMDB (its imgs/ folder or the parent)")
     p.add_argument("--output", required=True, help="folder of the LMDB to create or resume")
     p.add_argument("--resolution", type=int, required=True, help="side R of the stored R×R images")
+    p.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+                   help="squash: resize to R×R ignoring the aspect ratio, as Chinese-CLIP trains and "
+                   "evaluates (the default; use it with Chinese-CLIP or HF ChineseCLIP weights); center-crop: "
+                   "shorter side to R, then the centre R×R, as OpenAI CLIP. Recorded in the store's manifest")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="on a corrupt image: stop naming it (fail) or list it in a report and go on (skip)")
     p.add_argument("--report", default=None, help="where --on-error skip lists bad ids "
@@ -29,11 +33,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         r = build_store(a.input, a.output, a.resolution, on_error=a.on_error, workers=a.workers,
-                        report_path=a.report, progress=not a.no_progress)
+                        report_path=a.report, progress=not a.no_progress,
+                        resize=a.resize)
     except InputError as e:
         print(f"build_lmdb: error: {e}", file=sys.stderr)
         return 2
     print(f"{a.output}: {r.manifest['count']} images at {a.resolution}x{a.resolution} "
+          f"({a.resize}) "
           f"({r.written} written now, {r.already_present} already present)")
     if a.on_error == "skip":
         print(f"skipped {len(r.skipped)} bad image(s); listed in {r.report_path}")

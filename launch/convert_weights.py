@@ -29,6 +29,7 @@ Examples
       --vision ViT-B-16 --text RoBERTa-wwm-ext-base-chinese
   python launch/convert_weights.py to-hf --input weights/cn-b16.pt --output hf-folder \\
       --vision ViT-B-16 --text RoBERTa-wwm-ext-base-chinese --vocab chinese_roberta_wwm_ext_pytorch/vocab.txt
+  python launch/convert_weights.py to-hf --input logs/NAME/model_fp32.pt --output hf-folder
 """
 from __future__ import annotations
 
@@ -95,9 +96,39 @@ def _from_hf(args) -> str:
 
 
 def _to_hf(args) -> str:
-    state, report = convert.read_clip_weights(args.input)
-    vision, text = load_vision_config(args.vision), load_text_config(args.text)
-    out = convert.export_hf(state, vision, text, args.output, vocab=args.vocab)
+    """Our model file needs no flags (its record has the configs, vocab and preprocessing); other
+    weights need --vision and --text, and the text vocabulary is sized from the weights."""
+    import tempfile
+
+    from models import model_file
+
+    path = model_file.resolve_weights(args.input, args.run)
+    if path is None:
+        raise ValueError("to-hf needs --input or --run")
+    if path.is_dir():
+        (state, report), record = convert.read_clip_weights(path), None
+    else:
+        obj = convert.load_weights_file(path)
+        record = model_file.unwrap(obj, path)[1]
+        state, report = convert.clip_state_from_object(obj, path)
+        del obj
+    if record is not None:
+        model_file.check_flags(record, path, args.vision, args.text, args.vocab)
+        if args.resize and args.resize != record["image"]["resize"]:
+            raise ValueError(f"--resize {args.resize} conflicts with {path}, trained on images resized by "
+                             f"{record['image']['resize']}")
+        vision, text = model_file.configs(record, source=str(path))
+        with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:
+            vocab = args.vocab or model_file.write_vocab(record, tmp)
+            out = convert.export_hf(state, vision, text, args.output, vocab=vocab, resize=record["image"]["resize"])
+        return f"{report}\n{out}"
+    if not (args.vision and args.text):
+        raise ValueError(f"{path} records no configs (not a model file of train.py --export): pass --vision and --text")
+    shape = model_file.text_shape(state)
+    vision = load_vision_config(args.vision)
+    text = load_text_config(args.text, vocab_size=shape["vocab_size"] if shape else None)
+    convert.check_architecture(state, convert.expected_state(vision, text), str(path))
+    out = convert.export_hf(state, vision, text, args.output, vocab=args.vocab, resize=args.resize or "squash")
     return f"{report}\n{out}"
 
 
@@ -105,13 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, func, help_text, input_help, output_help, configs=False):
+    def add(name, func, help_text, input_help, output_help, configs=False, optional_configs=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--input", required=True, help=input_help)
+        p.add_argument("--input", required=not optional_configs, help=input_help)
         p.add_argument("--output", required=True, help=output_help)
         if configs:
-            p.add_argument("--vision", required=True, help="vision config name or JSON (e.g. ViT-B-16)")
-            p.add_argument("--text", required=True, help="text config name or JSON (e.g. RoBERTa-wwm-ext-base-chinese)")
+            hint = " (default: the model file's record)" if optional_configs else ""
+            p.add_argument("--vision", required=not optional_configs,
+                           help=f"vision config name or JSON (e.g. ViT-B-16){hint}")
+            p.add_argument("--text", required=not optional_configs,
+                           help=f"text config name or JSON (e.g. RoBERTa-wwm-ext-base-chinese){hint}")
         p.set_defaults(func=func)
         return p
 
@@ -132,9 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="converted", help="the checkpoint's 'name' field")
     add("from-hf", _from_hf, "transformers ChineseCLIPModel folder -> ours (configs read from config.json; "
         "written beside the output when no named config matches).", "ChineseCLIPModel folder", "our .pt")
-    p = add("to-hf", _to_hf, "ours -> transformers ChineseCLIPModel folder (from_pretrained loads it).",
-            "our .pt (or any source load_pretrained_clip reads)", "new or empty folder", configs=True)
-    p.add_argument("--vocab", help="vocab.txt: also write the tokenizer files into the folder")
+    p = add("to-hf", _to_hf, "ours -> transformers ChineseCLIPModel folder (from_pretrained loads it), with "
+            "tokenizer and image processor. Our model_fp32.pt needs only --input/--output (or --run).",
+            "our model_fp32.pt (or any source load_pretrained_clip reads)", "new or empty folder",
+            configs=True, optional_configs=True)
+    p.add_argument("--run", help="a run dir of launch/train.py --export: its model_fp32.pt is the input")
+    p.add_argument("--vocab", help="vocab.txt: the tokenizer files to write (default: the model file's)")
+    p.add_argument("--resize", choices=["squash", "center-crop"], default=None,
+                   help="how the image processor resizes (default: the model file's record, else squash)")
     return parser
 
 

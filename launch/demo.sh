@@ -50,8 +50,9 @@ $LAUNCH launch/train.py --deepspeed_config "$DS_CONFIG" $MODEL --vocab "$DATA/vo
 
 step "4/7 extracting valid image and query features on $NPROC ranks"
 rm -rf "$OUT/features"
-$LAUNCH launch/extract.py $MODEL --weights "$OUT/train/model_fp32.pt" --vocab "$DATA/vocab.txt" \
-    --image-lmdb "$OUT/lmdb/valid" --queries "$DATA/valid_queries.jsonl" --context-length 16 \
+# The run's model_fp32.pt records its configs, vocab and context length: --run is all it needs.
+$LAUNCH launch/extract.py --run "$OUT/train" \
+    --image-lmdb "$OUT/lmdb/valid" --queries "$DATA/valid_queries.jsonl" \
     --output "$OUT/features" --no-progress
 
 step "5/7 exact top-10"
@@ -63,7 +64,7 @@ python launch/evaluate.py "$OUT/valid_predictions.jsonl" "$DATA/valid_queries.js
 
 step "7/7 gallery"
 python launch/gallery.py --predictions "$OUT/valid_predictions.jsonl" --queries "$DATA/valid_queries.jsonl" \
-    --images "$OUT/lmdb/valid" --output "$OUT/gallery.html"
+    --images "$OUT/lmdb/valid" --output "$OUT/gallery.html" --run "$OUT/train"
 
 python - "$OUT/valid_score.json" "$MIN_MR" <<'PY'
 import json, sys

@@ -1,7 +1,10 @@
 """Score a MUGE text-to-image prediction file the way the MUGE server does (mean of R@1/5/10).
 
   python launch/evaluate.py PRED.jsonl REF.jsonl OUT.json
+  python launch/evaluate.py REF.jsonl PRED.jsonl OUT.json      (the server script's order: also works)
   python launch/evaluate.py --pred PRED.jsonl --ref valid_queries.jsonl --out score.json
+
+Which file is the reference is read from the content (it has the query texts) and printed.
 
 PRED lines: {"query_id": q, "item_ids": [10 ints]} (Chinese-CLIP's text_id/image_ids also work).
 OUT gets {"success", "score", "scoreJson": {score, mean_recall, r1, r5, r10}} in percent; on a
@@ -19,7 +22,8 @@ from engine.muge_eval import run  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", metavar="PRED REF OUT", help="positional form (the seed's order)")
+    p.add_argument("files", nargs="*", metavar="PRED REF OUT",
+                   help="positional form; PRED and REF may come in either order (told apart by content)")
     p.add_argument("--pred", help="prediction jsonl")
     p.add_argument("--ref", help="reference jsonl (queries with item_ids)")
     p.add_argument("--out", help="where to write the result JSON")

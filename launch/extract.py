@@ -1,8 +1,12 @@
 """Encode a split's images (from the LMDB) and queries (from jsonl) into feature shards.
 
-  python launch/extract.py --model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese \
-      --weights RUN/model_fp32.pt --vocab DATA/vocab.txt \
+  python launch/extract.py --run logs/NAME \
       --image-lmdb DATA/lmdb/valid --queries DATA/valid_queries.jsonl --output OUT [--jsonl]
+  python launch/extract.py --model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese \
+      --weights clip_cn_vit-b-16.pt --vocab DATA/vocab.txt --image-lmdb ... --queries ... --output OUT
+
+Our model_fp32.pt (train.py --export) carries its configs, vocab and context length: --weights FILE or
+--run RUN_DIR is enough. Flags given as well must agree with it (a conflict is an error naming both).
   deepspeed --num_gpus 8 launch/extract.py ...   (or torchrun --nproc_per_node N ...)
 
 Writes OUT/image_feats/part-RRRRR-of-WWWWW.npz and OUT/text_feats/... (ids int64, feats
@@ -24,41 +28,37 @@ EXIT_BAD_INPUT = 2
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build_model(a, tokenizer, device):
-    """The CLIP the flags describe, with --weights loaded, in eval mode on `device`."""
-    import torch
+def check_store(store, loaded, where) -> None:
+    """The store's images must be the model's size; a resize mode other than the one the model was
+    trained on is warned about (the features are then off, not wrong in shape)."""
+    if store.resolution != loaded.resolution:
+        raise InputError(f"--image-lmdb {where} holds {store.resolution} px images, the model expects "
+                         f"{loaded.resolution} px")
+    from engine import dist
 
-    from models import build_clip, load_text_config
-    from models.convert import load_pretrained_clip
-
-    vocab_size = None
-    if tokenizer is not None:
-        n_tok = len(tokenizer.get_vocab())
-        vocab_size = n_tok if n_tok != load_text_config(a.text_model).vocab_size else None
-    model = build_clip(a.model, a.text_model, vocab_size=vocab_size)
-    if a.weights:
-        report = load_pretrained_clip(model, a.weights)
-        from engine import dist
-
-        if dist.is_main():
-            print(report)
-    else:
-        print("extract.py: warning: no --weights, encoding with random weights", file=sys.stderr)
-    return model.to(device=device, dtype=getattr(torch, PRECISIONS[a.precision])).eval()
+    if loaded.resize is not None and store.resize != loaded.resize and dist.is_main():
+        print(f"extract.py: warning: {where} was built with --resize {store.resize}, the model was trained on images "
+              f"resized by {loaded.resize}; rebuild it with launch/build_lmdb.py --resize {loaded.resize}",
+              file=sys.stderr)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
-    p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
+    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
+                   "(default: the model file's record, else ViT-B-16)")
+    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
+                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
     p.add_argument("--weights", default=None,
                    help="whole model: our model_fp32.pt, a Chinese-CLIP .pt or an HF ChineseCLIP folder")
-    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (needed with --queries)")
+    p.add_argument("--run", default=None, help="a run dir of launch/train.py --export: its model_fp32.pt")
+    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (default: the one the model "
+                   "file carries; needed with --queries for other weights)")
     p.add_argument("--image-lmdb", default=None, help="image store (launch/build_lmdb.py) to encode")
     p.add_argument("--queries", default=None, help="MUGE queries jsonl to encode")
     p.add_argument("--output", required=True, help="folder for image_feats/ and text_feats/")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--context-length", type=int, default=52)
+    p.add_argument("--context-length", type=int, default=None,
+                   help="text tokens incl. [CLS]/[SEP] (default: the model file's, else 52)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="model arithmetic (fp16 needs a GPU); features are re-normalised in fp32")
     p.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
@@ -70,14 +70,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.image_lmdb and not a.queries:
         p.error("nothing to do: give --image-lmdb and/or --queries")
-    if a.queries and not a.vocab:
-        p.error("--queries needs --vocab")
 
     import numpy as np
     import torch
 
     from engine import dist
     from engine.extract import extract_split
+    from engine.model_loading import load_model
 
     dist.init_distributed(use_deepspeed=False)
     try:
@@ -85,23 +84,25 @@ def main(argv=None) -> int:
         device = dist.device() if a.device == "auto" else torch.device(a.device)
         if a.precision == "fp16" and device.type != "cuda":
             raise InputError("--precision fp16 needs a GPU (CPUs here have no fp16 arithmetic); use fp32 or bf16")
-        store = queries = tokenizer = None
+        store = queries = None
+        # Model, tokenizer and context length first: a mismatch ends the run before any work.
+        loaded = load_model(a.weights, a.run, a.model, a.text_model, a.vocab, a.context_length)
+        if loaded.weights is None and dist.is_main():
+            print("extract.py: warning: no --weights, encoding with random weights", file=sys.stderr)
+        if a.queries and loaded.tokenizer is None:
+            raise InputError("--queries needs --vocab (or a model file that carries its vocabulary)")
         if a.image_lmdb:
             from data.lmdb_store import ImageStore
 
             store = ImageStore(a.image_lmdb)
+            check_store(store, loaded, a.image_lmdb)
         if a.queries:
             from data.pairs import read_queries
-            from data.tokenizer import load_tokenizer
 
             queries = read_queries(a.queries)
-            tokenizer = load_tokenizer(a.vocab)
-        model = build_model(a, tokenizer, device)
-        if store is not None and store.resolution != model.image_resolution:
-            raise InputError(f"--image-lmdb {a.image_lmdb} holds {store.resolution} px images, "
-                             f"--model {a.model} expects {model.image_resolution} px")
+        model = loaded.model.to(device=device, dtype=getattr(torch, PRECISIONS[a.precision]))
         written = extract_split(model, a.output, device, a.batch_size, store=store, queries=queries,
-                                tokenizer=tokenizer, context_length=a.context_length,
+                                tokenizer=loaded.tokenizer, context_length=loaded.context_length,
                                 feature_dtype=np.dtype(a.feature_dtype), jsonl=a.jsonl,
                                 progress=not a.no_progress,
                                 models={"image_model": a.model, "text_model": a.text_model,
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         if dist.is_main():
             print(f"extracted on {dist.world_size()} rank(s) in {time.perf_counter() - t0:.1f}s: "
                   + ", ".join(f"{k} -> {v}" for k, v in written.items()))
-    except InputError as e:
+    except ValueError as e:  # InputError / WeightConversionError (bad files), unknown config names
         print(f"extract.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

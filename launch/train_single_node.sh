@@ -6,9 +6,11 @@
 #       --val-data DATA/valid_queries.jsonl --val-img DATA/lmdb/valid \
 #       --vocab DATA/vocab.txt --name my_run [more launch/train.py flags]
 #
+# Relative paths (DeepSpeed config, data, the default ./logs) are read from the directory you run this
+# in; the repository's launch/train.py is found from this script.
 # MASTER_PORT (default 29500) picks the rendezvous port when several jobs share a machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ $# -lt 2 ]; then
   echo "usage: $0 DS_CONFIG NUM_RANKS [launch/train.py flags]" >&2
   exit 2
@@ -17,6 +19,6 @@ DS_CONFIG=$1
 NUM_RANKS=$2
 shift 2
 # The venv's bin first: DeepSpeed rebuilds its JIT ops whenever it finds a different ninja.
-if [ -d .venv/bin ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+if [ -d "$REPO/.venv/bin" ]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 exec deepspeed --num_gpus "$NUM_RANKS" --master_port "${MASTER_PORT:-29500}" \
-  launch/train.py --deepspeed_config "$DS_CONFIG" "$@"
+  "$REPO/launch/train.py" --deepspeed_config "$DS_CONFIG" "$@"

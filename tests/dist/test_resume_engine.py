@@ -9,6 +9,7 @@ import signal
 import torch
 
 from engine.logging import read_scalars
+from models.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 
@@ -44,8 +45,8 @@ def test_killed_during_save_then_resumed_is_bit_identical(tmp_path):
     assert_all_ok(resumed)
     assert "resumed from" in resumed[0].output and "step 3, epoch 0, 3 steps into it" in resumed[0].output
 
-    a = torch.load(logs / "a" / "model_fp32.pt", weights_only=True)
-    b = torch.load(logs / "b" / "model_fp32.pt", weights_only=True)
+    a = read_model_file(logs / "a" / "model_fp32.pt")[0]
+    b = read_model_file(logs / "b" / "model_fp32.pt")[0]
     assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different

@@ -1,7 +1,8 @@
 """Two "nodes" x one rank on loopback: launch/train_multi_node.sh with NODE_RANK=0 and 1 on a
 two-line hostfile runs DeepSpeed's per-node launcher (deepspeed.launcher.launch --world_info
 --node_rank), which is what `deepspeed --hostfile` runs on each host over ssh, around the real
-launch/train.py."""
+launch/train.py. It runs from the test's own directory with a relative hostfile path: the script
+reads it from the caller's directory, not the repository's."""
 import json
 import os
 import subprocess
@@ -24,10 +25,10 @@ def test_two_nodes_one_rank_each_on_loopback(tmp_path):
     for node in (0, 1):
         log = open(tmp_path / f"node{node}.log", "w+")
         logs.append(log)
-        cmd = ["bash", str(REPO / "launch" / "train_multi_node.sh"), str(hostfile), ds, *args]
+        cmd = ["bash", str(REPO / "launch" / "train_multi_node.sh"), hostfile.name, ds, *args]
         env = base_env({"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")})
-        procs.append(subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     deadline = time.monotonic() + 240
     try:

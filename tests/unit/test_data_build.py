@@ -244,3 +244,42 @@ def test_duplicate_id_is_refused_after_an_interrupted_build(tmp_path, jpegs, mon
     r = build_store(tsv, tmp_path / "db", R, workers=0, on_error="skip", progress=False)
     assert [s[0] for s in r.skipped] == [str(items[0][0])] and f"dup.tsv:{dup_line}" in r.skipped[0][1]
     _assert_store(tmp_path / "db", jpegs)
+
+
+@pytest.mark.parametrize("resize", ["squash", "center-crop"])
+def test_resize_mode_is_applied_and_recorded(tmp_path, jpegs, resize):
+    tsv = _tsv(tmp_path / "t.tsv", jpegs.items())
+    from launch.build_lmdb import main as build_main
+
+    args = ["--input", str(tsv), "--output", str(tmp_path / "db"), "--resolution", str(R), "--workers", "0",
+            "--no-progress"] + (["--resize", resize] if resize != "squash" else [])
+    assert build_main(args) == 0
+    store = ImageStore(tmp_path / "db")
+    assert store.manifest["resize"] == resize and store.resize == resize
+    for i, data in jpegs.items():  # the images are 30-63 x 28-50: the modes give different pixels
+        want = preprocess_image(Image.open(io.BytesIO(data)).convert("RGB"), R, resize=resize)
+        assert store.get(i).tobytes() == want.tobytes()
+    store.close()
+    other = "center-crop" if resize == "squash" else "squash"
+    with pytest.raises(InputError, match=f"resized by {resize}, not {other}"):
+        build_store(tsv, tmp_path / "db", R, workers=0, progress=False, resize=other)
+
+
+def test_store_without_resize_key_reads_as_center_crop(tmp_path, jpegs):
+    # Stores built before the key existed were centre-cropped; resuming one keeps that mode.
+    import json
+
+    from data.lmdb_store import MANIFEST_KEY
+
+    tsv = _tsv(tmp_path / "t.tsv", jpegs.items())
+    build_store(tsv, tmp_path / "db", R, workers=0, progress=False, resize="center-crop")
+    env = lmdb.open(str(tmp_path / "db"))
+    with env.begin(write=True) as txn:
+        manifest = json.loads(txn.get(MANIFEST_KEY))
+        del manifest["resize"]
+        txn.put(MANIFEST_KEY, json.dumps(manifest).encode())
+    env.close()
+    assert ImageStore(tmp_path / "db").resize == "center-crop"
+    with pytest.raises(InputError, match="resized by center-crop"):
+        build_store(tsv, tmp_path / "db", R, workers=0, progress=False)
+    build_store(tsv, tmp_path / "db", R, workers=0, progress=False, resize="center-crop")

@@ -23,9 +23,25 @@ def test_preprocess_matches_torchvision_clip_transform(w, h):
     img = _random_image(w, h, seed=w * h)
     oracle = tv.Compose([tv.Resize(32, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(32),
                          tv.PILToTensor()])(img).numpy()
-    ours = preprocess_image(img, 32)
+    ours = preprocess_image(img, 32, resize="center-crop")
     assert ours.dtype == np.uint8 and ours.shape == (3, 32, 32) and ours.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(ours, oracle)
+
+
+@pytest.mark.parametrize("w,h", [(100, 60), (60, 100), (57, 57), (31, 90), (32, 32)])
+def test_squash_matches_chinese_clip_transform(w, h):
+    # Chinese-CLIP's transform: Resize((R, R), BICUBIC) on the PIL image, no crop (the default mode).
+    tv = pytest.importorskip("torchvision.transforms")
+    img = _random_image(w, h, seed=w + h)
+    oracle = tv.Compose([tv.Resize((32, 32), interpolation=tv.InterpolationMode.BICUBIC),
+                         tv.PILToTensor()])(img).numpy()
+    ours = preprocess_image(img, 32)
+    assert ours.shape == (3, 32, 32) and ours.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(ours, oracle)
+    if w != h:  # the two modes really differ on a non-square image
+        assert not np.array_equal(ours, preprocess_image(img, 32, resize="center-crop"))
+    with pytest.raises(ValueError, match="resize"):
+        preprocess_image(img, 32, resize="crop")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])

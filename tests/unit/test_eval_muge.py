@@ -116,14 +116,64 @@ def test_bad_reference_is_named(tmp_path):
     assert "r.jsonl:3: reference item ids" in json.loads((tmp_path / "o.json").read_text())["errorMsg"]
 
 
-def test_swapped_files_are_called_out(tmp_path, capsys):
-    preds, refs = random_case(6, n_queries=10)
+@pytest.mark.parametrize("with_text", [True, False])
+def test_either_argument_order_gives_the_right_score(tmp_path, capsys, with_text):
+    # The server's script takes REF PRED OUT, our README PRED REF OUT: the content decides which is which
+    # (query texts; else the file with exactly 10 ids per line is the prediction).
+    preds, refs = random_case(6, n_queries=30)
+    if not with_text:
+        refs = [{"query_id": r["query_id"], "item_ids": r["item_ids"]} for r in refs]
     p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
-    code = evaluate_main([str(r), str(p), str(tmp_path / "o.json")])  # REF given as PRED
-    assert code != 0
+    want = independent_scores(preds, refs)["mean_recall"]
+    assert evaluate_main([str(p), str(r), str(tmp_path / "a.json")]) == 0
+    assert "(told from their content" not in capsys.readouterr().err
+    assert evaluate_main([str(r), str(p), str(tmp_path / "b.json")]) == 0  # server order
+    err = capsys.readouterr().err
+    assert f"reference: {r}; predictions: {p}" in err and "REF PRED" in err
+    for name in ("a.json", "b.json"):
+        assert json.loads((tmp_path / name).read_text())["score"] == pytest.approx(want, abs=1e-9)
+
+
+BLANK_LINES = [
+    ("extra newline at the end", lambda text: text + "\n", None),
+    ("blank line inside", lambda text: text.replace("\n", "\n\n", 1), 2),
+    ("whitespace-only line", lambda text: text.replace("\n", "\n  \t\n", 1), 2),
+    ("blank first line", lambda text: "\n" + text, 1),
+]
+
+
+@pytest.mark.parametrize("which", ["p.jsonl", "r.jsonl"])
+@pytest.mark.parametrize("case,edit,line", BLANK_LINES, ids=[c[0] for c in BLANK_LINES])
+def test_blank_lines_are_rejected_like_the_server(tmp_path, which, case, edit, line):
+    preds, refs = random_case(8, n_queries=6)
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
+    target = tmp_path / which
+    target.write_text(edit(target.read_text(encoding="utf-8")), encoding="utf-8")
+    assert run(p, r, tmp_path / "o.json") == 2
     msg = json.loads((tmp_path / "o.json").read_text())["errorMsg"]
-    assert "swapped" in msg
-    assert "swapped" in capsys.readouterr().err
+    line = line or len(target.read_text(encoding="utf-8").split("\n")) - 1
+    assert f"{which}:{line}: blank line" in msg, msg
+
+
+def test_crlf_line_ends_are_accepted(tmp_path):
+    preds, refs = random_case(9, n_queries=6)
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
+    p.write_bytes(p.read_bytes().replace(b"\n", b"\r\n"))
+    assert run(p, r, tmp_path / "o.json") == 0
+
+
+@pytest.mark.parametrize("which", ["p.jsonl", "r.jsonl"])
+def test_non_utf8_file_gives_a_result_not_a_traceback(tmp_path, which):
+    preds, refs = random_case(10, n_queries=6)
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
+    target = tmp_path / which
+    target.write_bytes(target.read_text(encoding="utf-8").encode("utf-8").replace(b"\n", b"\n\xb2\xe9", 1)
+                       if which == "p.jsonl" else "".join(
+                           json.dumps(x, ensure_ascii=False) + "\n" for x in refs).encode("gbk"))
+    assert run(p, r, tmp_path / "o.json") == 2
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["success"] is False
+    assert f"{which}:" in result["errorMsg"] and "not UTF-8" in result["errorMsg"]
 
 
 def test_cli_positional_and_named_flags_agree(tmp_path, capsys):

@@ -23,7 +23,9 @@ class _Page(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.queries, self.figures, self.metrics, self._cell = [], [], {}, None
+        self.queries, self.figures, self.metrics, self._cell, self._caption = [], [], {}, None, False
+        self.title = ""
+        self._in_h1 = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -31,16 +33,37 @@ class _Page(HTMLParser):
             self.queries.append(int(a["data-query-id"]))
             self.figures.append([])
         elif tag == "figure":
-            self.figures[-1].append({"cls": a["class"], "id": int(a["data-image-id"])})
+            self.figures[-1].append({"cls": a["class"], "id": int(a["data-image-id"]), "caption": ""})
         elif tag == "img":
             self.figures[-1][-1]["src"] = a["src"]
+        elif tag == "figcaption":
+            self._caption = True
         elif tag == "td" and "id" in a:
             self._cell = a["id"]
+        elif tag == "h1":
+            self._in_h1 = True
+
+    def handle_endtag(self, tag):
+        self._caption = self._caption and tag != "figcaption"
+        self._in_h1 = self._in_h1 and tag != "h1"
 
     def handle_data(self, data):
         if self._cell:
             self.metrics[self._cell] = float(data)
             self._cell = None
+        if self._caption:
+            self.figures[-1][-1]["caption"] += data
+        if self._in_h1:
+            self.title += data
+
+
+def _page(tmp, *extra, queries="q.jsonl"):
+    out = tmp / "g.html"
+    assert gallery_cli.main(["--predictions", str(tmp / "pred.jsonl"), "--queries", str(tmp / queries),
+                             "--images", str(tmp / "lmdb"), "--output", str(out), *extra]) == 0
+    page = _Page()
+    page.feed(out.read_text(encoding="utf-8"))
+    return page
 
 
 @pytest.fixture
@@ -76,14 +99,43 @@ def test_gallery_html_marks_hits_and_embeds_the_stored_images(gallery_inputs):
     # R@1: only q1; R@5: q1; R@10: q1, q2 (rank 7) -> 1/3, 1/3, 2/3.
     assert page.metrics["r1"] == pytest.approx(100 / 3, abs=0.01)
     assert page.metrics["r10"] == pytest.approx(200 / 3, abs=0.01)
-    for qid, figs in zip(page.queries, page.figures):
+    for qid, all_figs in zip(page.queries, page.figures):
+        figs = [f for f in all_figs if f["cls"] != "missed"]
         assert [f["id"] for f in figs] == preds[qid]
         for f in figs:
             assert f["cls"] == ("hit" if f["id"] in refs[qid] else "miss")
+            # A symbol as well as the colour: readable without telling red from green.
+            assert f["caption"].startswith("\u2713 " if f["cls"] == "hit" else "\u2717 "), f["caption"]
             head, payload = f["src"].split(",", 1)
             assert head == "data:image/png;base64"
             decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
             np.testing.assert_array_equal(decoded, images[f["id"]].transpose(1, 2, 0))
+
+
+def test_gallery_shows_correct_images_that_were_not_retrieved(gallery_inputs):
+    tmp, images, refs, preds = gallery_inputs
+    page = _page(tmp)
+    missed = {q: [(f["id"], "src" in f) for f in figs if f["cls"] == "missed"] for q, figs in zip(page.queries, page.figures)}
+    # q1 found its only image; q2 found 106 but not 111; q3's image 999 is not even in the store.
+    assert missed == {1: [], 2: [(111, True)], 3: [(999, False)]}
+
+
+def test_failures_only_and_the_run_name(gallery_inputs):
+    tmp, *_ = gallery_inputs
+    page = _page(tmp, "--failures-only", "--run", str(tmp / "logs" / "my_run"))
+    assert page.queries == [3]  # the only query with no correct image in its top 10
+    assert "my_run" in page.title
+
+
+def test_test_split_without_answers_renders_unmarked(gallery_inputs):
+    tmp, images, refs, preds = gallery_inputs
+    with open(tmp / "test_q.jsonl", "w", encoding="utf-8") as f:
+        for q in refs:
+            f.write(json.dumps({"query_id": q, "query_text": f"查询{q}"}, ensure_ascii=False) + "\n")
+    page = _page(tmp, queries="test_q.jsonl")
+    assert page.queries == [1, 2, 3] and not page.metrics
+    assert all(f["cls"] == "unjudged" and f["caption"].startswith("#") for figs in page.figures for f in figs)
+    assert [[f["id"] for f in figs] for figs in page.figures] == [preds[q] for q in (1, 2, 3)]
 
 
 def test_gallery_rejects_predictions_outside_the_store(gallery_inputs, capsys):
