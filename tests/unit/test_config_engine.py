@@ -46,6 +46,13 @@ def test_a_valid_run_resolves_batches_and_defaults(files):
     assert c.run_dir == files / "logs" / "r"
 
 
+
+def test_sampling_mode_is_global_unless_shard_local(files):
+    assert (cfg_of(files, ds(files)).shard_local, cfg_of(files, ds(files)).sampling) == (False, "global")
+    c = cfg_of(files, ds(files), "--shard-local")
+    assert c.shard_local and c.sampling == "shard-local" and c.to_dict()["shard_local"] is True
+
+
 @pytest.mark.parametrize("cfg,world,expect", [
     ({"train_batch_size": 32, "gradient_accumulation_steps": None}, 4, (4, 2, 32)),   # micro 4 x gas 2 x 4
     ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": 2},
