@@ -61,8 +61,9 @@ class Bijection:
         self.half = max(1, ((self.n - 1).bit_length() + 1) // 2)
         self.mask = np.uint64((1 << self.half) - 1)
         # The key's length goes in too: SeedSequence alone maps (1, 2) and (1, 2, 0) to the same state.
-        words = np.random.SeedSequence([len(key)] + [int(k) & _MASK64 for k in key]).generate_state(_ROUNDS, dtype=np.uint64)
-        self.round_keys = [np.uint64(w) for w in words]
+        material = [len(key)] + [int(k) & _MASK64 for k in key]
+        self.round_keys = [np.uint64(w) for w in
+                           np.random.SeedSequence(material).generate_state(_ROUNDS, dtype=np.uint64)]
 
     def _feistel(self, x: np.ndarray) -> np.ndarray:
         h = np.uint64(self.half)

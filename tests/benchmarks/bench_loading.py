@@ -7,8 +7,8 @@ sampler cost at scale?
      memory:   pre-made in-memory micro-batches (no loading at all: the floor),
      serial:   next() on a DataLoader in series with the step (the trainer before engine.prefetch),
      prefetch: engine.loading.epoch_batches (the trainer now: a background thread reads ahead).
-   The three run interleaved, round after round, on the same engine and the same sample order, so
-   drift in machine load hits all alike; the table gives the median over rounds.
+   The three run interleaved step by step (the order rotating each step) on the same engine and the
+   same sample order, so drift in machine load hits all alike; the table gives the median step.
 2. Sampler: for N = 1M, 10M, 100M samples on W ranks, the time and peak RSS (in a fresh process each,
    above the RSS after imports) to produce rank 0's first micro-batch of indices and to iterate all
    of rank 0's indices of an epoch, with the seed's sampler (torch.randperm(N) on every rank) and
@@ -68,7 +68,7 @@ def _dataset(root: Path, images: int, resolution: int):
     return PairDataset(pairs, store, load_tokenizer(root / "vocab.txt"), 16), store
 
 
-def loading(resolution: int, images: int, steps: int, warmup: int, rounds: int) -> dict:
+def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
     import torch
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -98,7 +98,7 @@ def loading(resolution: int, images: int, steps: int, warmup: int, rounds: int) 
         ds = load_ds_settings(str(REPO / "ds_configs" / "cpu_demo_zero2_fp32.json"), 1, False)
         micro = ds.micro_batch
         n_batches = warmup + steps
-        if len(dataset) < micro * n_batches:
+        if len(dataset) < micro * n_batches:  # serial and prefetch each read the epoch from its start
             raise SystemExit(f"{len(dataset)} pairs < {micro * n_batches} needed; raise --images")
         torch.manual_seed(0)
         model = build_clip(vision, "BERT-demo", vocab_size=len(dataset.tokens.unique()) + 1000)
@@ -110,39 +110,36 @@ def loading(resolution: int, images: int, steps: int, warmup: int, rounds: int) 
             return normalize_uint8(b["image"], store.mean, store.std, dtype=torch.float32), b["input_ids"]
 
         stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=prepare)
-        sampler = ShardedSampler(len(dataset), 0, 1, seed=0)
-        sampler.set_epoch(0)
-        loader_args = dict(batch_size=micro, sampler=sampler, drop_last=True, num_workers=0)
-        in_memory = list(islice(torch.utils.data.DataLoader(dataset, **loader_args), n_batches))
-
-        def run(batches) -> float:
-            for _ in range(warmup):
-                stepper.run([next(batches)])
-            t = time.perf_counter()
-            for _ in range(steps):
-                stepper.run([next(batches)])
-            return (time.perf_counter() - t) / steps
-
-        times = {"memory": [], "serial": [], "prefetch": []}
-        for r in range(rounds):
-            times["memory"].append(run(iter(in_memory)))
+        def loader():
+            sampler = ShardedSampler(len(dataset), 0, 1, seed=0)
             sampler.set_epoch(0)
-            times["serial"].append(run(iter(torch.utils.data.DataLoader(dataset, **loader_args))))
-            pre = epoch_batches(dataset, sampler, 0, 0, micro, 0, 0, None, depth=2, timeout_s=300)
-            times["prefetch"].append(run(pre))
-            pre.close()
-        # the loader alone, for scale: micro-batches per second read by the serial DataLoader
-        sampler.set_epoch(0)
+            return torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=True)
+
+        in_memory = list(islice(loader(), n_batches))
+        sources = {"memory": iter(in_memory), "serial": iter(loader()),
+                   "prefetch": epoch_batches(dataset, ShardedSampler(len(dataset), 0, 1, seed=0), 0, 0, micro,
+                                             0, 0, None, depth=2, timeout_s=300)}
+        times = {k: [] for k in sources}
+        names = list(sources)
+        for s in range(n_batches):
+            for k in names[s % 3:] + names[: s % 3]:  # rotate who goes first
+                t = time.perf_counter()
+                stepper.run([next(sources[k])])
+                if s >= warmup:
+                    times[k].append(time.perf_counter() - t)
+        sources["prefetch"].close()
+        # the loader alone, for scale
         t = time.perf_counter()
-        for _ in islice(torch.utils.data.DataLoader(dataset, **loader_args), n_batches):
+        for _ in islice(loader(), n_batches):
             pass
         read_s = (time.perf_counter() - t) / n_batches
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": f"{Path(vision).stem} + BERT-demo", "resolution": resolution, "micro_batch": micro,
-            "steps": steps, "rounds": rounds, "threads": torch.get_num_threads(), "store_build_s": build_s,
+            "steps": steps, "threads": torch.get_num_threads(), "store_build_s": build_s,
             "read_ms": 1000 * read_s, **{f"{k}_ms": 1000 * v for k, v in med.items()},
             "serial_ratio": med["serial"] / med["memory"], "prefetch_ratio": med["prefetch"] / med["memory"],
-            "all_ms": {k: [round(1000 * x, 1) for x in v] for k, v in times.items()}}
+            "mean_ms": {k: round(1000 * statistics.mean(v), 1) for k, v in times.items()},
+            "min_ms": {k: round(1000 * min(v), 1) for k, v in times.items()}}
 
 
 # --- 2. sampler ------------------------------------------------------------------------------------
@@ -206,9 +203,8 @@ def main() -> int:
     p.add_argument("--part", choices=("all", "loading", "sampler", "_sampler_one"), default="all")
     p.add_argument("--resolution", type=int, default=64, help="64: the demo ViT; other: a small ViT/32")
     p.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     p.add_argument("--world", type=int, default=8, help="ranks the sampler part splits over")
     p.add_argument("--batch", type=int, default=256, help="micro-batch of the sampler part")
@@ -223,14 +219,15 @@ def main() -> int:
     if a.part in ("all", "loading"):
         # queries have ~1.3 pairs per image in the synthetic set; 64 rows per micro-batch
         images = a.images or 64 * (a.steps + a.warmup)
-        r = loading(a.resolution, images, a.steps, a.warmup, a.rounds)
+        r = loading(a.resolution, images, a.steps, a.warmup)
         print(f"\n## Loading: {r['model']}, {r['resolution']} px, micro-batch {r['micro_batch']}, "
-              f"{r['threads']} thread(s), median of {r['rounds']} rounds x {r['steps']} steps")
+              f"{r['threads']} thread(s), median of {r['steps']} interleaved steps per mode")
         print("| batches from | ms/step | x in-memory |\n|---|---:|---:|")
         print(f"| in-memory (no loading) | {r['memory_ms']:.1f} | 1.00 |")
         print(f"| DataLoader in series (before) | {r['serial_ms']:.1f} | {r['serial_ratio']:.3f} |")
         print(f"| engine.prefetch (now) | {r['prefetch_ms']:.1f} | {r['prefetch_ratio']:.3f} |")
-        print(f"\nreading alone: {r['read_ms']:.1f} ms per micro-batch; every round (ms/step): {r['all_ms']}")
+        print(f"\nreading alone: {r['read_ms']:.1f} ms per micro-batch; mean ms/step {r['mean_ms']}, "
+              f"min {r['min_ms']}")
     if a.part in ("all", "sampler"):
         rows = sampler(a.sizes, a.world, a.batch, a.skip_randperm_above)
         print(f"\n## Sampler: rank 0 of {a.world}, micro-batch {a.batch}; RSS above the process after imports")
