@@ -31,10 +31,10 @@ def dataset(tmp_path):
     return ImageDataset(store, range(1000, 1000 + N_IMAGES))
 
 
-def _loader(dataset, epoch=2, start=0, batch=4):
+def _loader(dataset, epoch=2, start=0, batch=4, workers=0):
     sampler = ShardedSampler(len(dataset), 1, 2, seed=3)
     sampler.set_epoch(epoch, start=start)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers)
 
 
 def _same(a, b):
@@ -48,10 +48,12 @@ def _wait_gone(thread, seconds=10.0):
     return not thread.is_alive()
 
 
-def test_prefetched_batches_equal_direct_iteration(dataset):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetched_batches_equal_direct_iteration(dataset, workers):
     direct = list(_loader(dataset))
     before = threading.active_count()
-    with Prefetcher(_loader(dataset), depth=2) as p:
+    # with workers: processes feeding the thread, the same batches
+    with Prefetcher(_loader(dataset, workers=workers), depth=2) as p:
         fetched = list(p)
         assert next(p, None) is None  # stays exhausted
     assert len(fetched) == len(direct) == N_IMAGES // 2 // 4
