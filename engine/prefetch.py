@@ -53,6 +53,8 @@ class Prefetcher:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timeout_s = float(timeout_s)
         self._cuda = self.device.type == "cuda"
+        if self._cuda and self.device.index is None:  # the thread must name the device it copies to
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._source = iter(batches)  # in the caller's thread: a loader that fails to start fails here
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
