@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--context-length", type=int, default=52, help="text tokens incl. [CLS]/[SEP]")
     d.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers per rank; 0 reads the LMDB in process, which measured fastest")
+    d.add_argument("--shard-local", action="store_true",
+                   help="each rank reads only its own run of the dataset's shards per epoch (a built, sharded "
+                        "dataset; for node-local copies), instead of a global shuffle over all shards")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
@@ -127,6 +130,7 @@ class TrainConfig:
     vocab: str
     context_length: int
     num_workers: int
+    shard_local: bool
     model: str
     text_model: str
     clip_weight_path: Optional[str]
@@ -164,6 +168,11 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def sampling(self) -> str:
+        """The sampling mode recorded in checkpoints; a resume must use the same."""
+        return "shard-local" if self.shard_local else "global"
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -361,6 +370,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
     return TrainConfig(
         train_data=args.train_data, train_img=args.train_img, val_data=args.val_data, val_img=args.val_img,
         vocab=vocab, context_length=args.context_length, num_workers=args.num_workers,
+        shard_local=args.shard_local,
         model=args.model, text_model=args.text_model, clip_weight_path=args.clip_weight_path,
         bert_weight_path=args.bert_weight_path, init_from=args.init_from,
         freeze_image_tower=args.freeze_image_tower, grad_checkpointing=args.grad_checkpointing,

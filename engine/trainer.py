@@ -177,9 +177,10 @@ class Trainer:
         self._build_data()
         model = self._build_model()
         micro, gas = cfg.ds.micro_batch, cfg.ds.grad_accum
-        from data.sampler import ShardedSampler
+        from engine.loading import build_sampler
 
-        sampler = ShardedSampler(len(self.dataset), dist.rank(), cfg.world_size, seed=cfg.seed, shuffle=True)
+        sampler = build_sampler(self.dataset, dist.rank(), cfg.world_size, cfg.seed, cfg.shard_local,
+                                cfg.train_data)
         steps_per_epoch = sampler.samples_per_rank // (micro * gas)
         if steps_per_epoch == 0:
             raise InputError(f"{cfg.train_data}: {len(self.dataset)} pairs are fewer than one global batch "
@@ -219,14 +220,15 @@ class Trainer:
         load_dir, tag = checkpoint.resolve(cfg.resume, cfg.checkpoint_dir)
         state = checkpoint.load(self.engine, load_dir, tag)
         expect = {"world_size": cfg.world_size, "micro_batch": cfg.ds.micro_batch,
-                  "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset)}
+                  "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset), "sampling": cfg.sampling}
+        state.setdefault("sampling", "global")  # checkpoints from before shard-local sampling
         diff = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
         if diff:
             raise InputError(f"--resume {load_dir / tag}: saved with " +
                              ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + ", now " +
                              ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) +
-                             "; an exact resume needs the same data, world size and batch config (start a "
-                             "new run with --init-from <run>/model_fp32.pt to change them)")
+                             "; an exact resume needs the same data, sampling, world size and batch config "
+                             "(start a new run with --init-from <run>/model_fp32.pt to change them)")
         self.run_id = state.get("run_id") or self.run_id  # checkpoints from before run ids: a new id
         epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if step_in_epoch >= steps_per_epoch:
@@ -235,17 +237,13 @@ class Trainer:
                  self.engine.global_steps, epoch, step_in_epoch)
         return epoch, step_in_epoch
 
-    def _loader(self, sampler, epoch: int, start_step: int):
-        cfg = self.cfg
-        micro, gas = cfg.ds.micro_batch, cfg.ds.grad_accum
-        sampler.set_epoch(epoch, start=start_step * micro * gas)
-        # Its own generator: creating a loader must not draw from the global RNG (exact resume).
-        g = torch.Generator()
-        g.manual_seed(cfg.seed + epoch)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=micro, sampler=sampler, drop_last=True,
-                                           num_workers=cfg.num_workers, generator=g,
-                                           pin_memory=torch.cuda.is_available(),
-                                           persistent_workers=False)
+    def _batches(self, sampler, epoch: int, start_step: int):
+        """The epoch's micro-batches from start_step on, read one step ahead in the background."""
+        from engine.loading import epoch_batches
+
+        cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
+        return epoch_batches(self.dataset, sampler, epoch, start_step * micro * gas, micro, cfg.num_workers,
+                             cfg.seed, self.device, depth=max(2, gas), timeout_s=cfg.dist_timeout)
 
     def _prepare(self, batch):
         from data.images import normalize_uint8
@@ -283,9 +281,10 @@ class Trainer:
         # Throughput counts data loading + forward/backward/step only, not validation or saving.
         win_time, win_steps, win_loss = 0.0, 0, 0.0
         last_saved = last_val = -1
+        it = None
         try:
             while step < end_step and epoch < cfg.epochs:
-                it = iter(self._loader(sampler, epoch, start_step))
+                it = self._batches(sampler, epoch, start_step)
                 for step_in_epoch in range(start_step, steps_per_epoch):
                     lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves it on after)
                     t0 = time.perf_counter()
@@ -315,10 +314,12 @@ class Trainer:
                     _test_fault(step)
                     if step >= end_step:
                         break
-                del it
+                it.close()
                 epoch, start_step = epoch + 1, 0
         finally:
             bar.close()
+            if it is not None:
+                it.close()
         # The final state is always kept when checkpoints are on (also when --max-steps cut it short).
         if state is not None and (cfg.save_frequency or cfg.save_every_steps) and last_saved != step:
             self.save(step, state)
@@ -393,6 +394,7 @@ class Trainer:
         self.tb.flush()  # the points up to this step reach the disk before the checkpoint commits
         client = {**state, "global_step": step, "run_id": self.run_id, "world_size": cfg.world_size,
                   "micro_batch": cfg.ds.micro_batch, "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset),
+                  "sampling": cfg.sampling,
                   "samples_per_rank_done": state["step_in_epoch"] * cfg.ds.micro_batch * cfg.ds.grad_accum}
         tag = checkpoint.save(self.engine, cfg.checkpoint_dir, step, client, cfg.keep_last)
         log.info("saved checkpoint %s in %.1fs", cfg.checkpoint_dir / tag, time.perf_counter() - t0)

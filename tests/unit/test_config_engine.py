@@ -46,6 +46,37 @@ def test_a_valid_run_resolves_batches_and_defaults(files):
     assert c.run_dir == files / "logs" / "r"
 
 
+
+def test_sampling_mode_is_global_unless_shard_local(files):
+    assert (cfg_of(files, ds(files)).shard_local, cfg_of(files, ds(files)).sampling) == (False, "global")
+    c = cfg_of(files, ds(files), "--shard-local")
+    assert c.shard_local and c.sampling == "shard-local" and c.to_dict()["shard_local"] is True
+
+
+def test_resume_refuses_another_sampling_mode(files, monkeypatch):
+    """A checkpoint records its sampling mode; resuming it in the other mode would not be exact."""
+    from types import SimpleNamespace
+
+    from engine import trainer
+
+    saved = {"world_size": 1, "micro_batch": 4, "grad_accum": 1, "train_pairs": 40, "epoch": 0, "step_in_epoch": 3}
+    monkeypatch.setattr(trainer.checkpoint, "resolve", lambda *a: (files, "step_00000003"))
+    monkeypatch.setattr(trainer.checkpoint, "load", lambda *a: dict(saved))
+
+    def resume(*extra):
+        t = trainer.Trainer(cfg_of(files, ds(files), "--resume", str(files), *extra))
+        t.dataset, t.engine = [None] * 40, SimpleNamespace(global_steps=3)
+        return t._resume(steps_per_epoch=10)
+
+    assert resume() == (0, 3)  # a checkpoint from before the mode was recorded counts as global
+    with pytest.raises(InputError, match="saved with sampling=global, now sampling=shard-local"):
+        resume("--shard-local")
+    saved["sampling"] = "shard-local"
+    assert resume("--shard-local") == (0, 3)
+    with pytest.raises(InputError, match="saved with sampling=shard-local, now sampling=global"):
+        resume()
+
+
 @pytest.mark.parametrize("cfg,world,expect", [
     ({"train_batch_size": 32, "gradient_accumulation_steps": None}, 4, (4, 2, 32)),   # micro 4 x gas 2 x 4
     ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": 2},

@@ -1,7 +1,7 @@
 """One rank of the sampler test: writes the indices its sampler yields, through a DataLoader as the
 trainer uses it, for a full epoch and for a restart mid-epoch.
 
-argv: out_dir num_samples seed epoch start batch_size
+argv: out_dir num_samples seed epoch start batch_size [shard sizes, comma-separated, for shard-local]
 """
 import json
 import os
@@ -26,13 +26,14 @@ class Indices(Dataset):
 
 def main():
     out_dir, n, seed, epoch, start, batch = sys.argv[1], *map(int, sys.argv[2:7])
+    sizes = [int(s) for s in sys.argv[7].split(",")] if len(sys.argv) > 7 else None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    sampler = ShardedSampler(n, rank, world, seed=seed)
+    sampler = ShardedSampler(n, rank, world, seed=seed, shard_sizes=sizes)
     loader = DataLoader(Indices(n), batch_size=batch, sampler=sampler, num_workers=1)
     sampler.set_epoch(epoch)
     full = [int(i) for b in loader for i in b]
     # A fresh process state, as after a restart: a new sampler told where this rank stopped.
-    restarted = ShardedSampler(n, rank, world, seed=seed)
+    restarted = ShardedSampler(n, rank, world, seed=seed, shard_sizes=sizes)
     restarted.set_epoch(epoch, start=start)
     rest = [int(i) for b in DataLoader(Indices(n), batch_size=batch, sampler=restarted) for i in b]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
