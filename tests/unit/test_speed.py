@@ -119,3 +119,38 @@ def test_threads_split_the_cores_between_local_ranks():
     assert n == 3 and "--threads" in why
     n, why = choose_threads(None, {"OMP_NUM_THREADS": "5", "LOCAL_WORLD_SIZE": "2"}, cores=8)
     assert n == 5 and "OMP_NUM_THREADS" in why
+
+
+# ---------------------------------------------------------------- the training log line
+
+def test_log_step_reports_tflops_and_mfu(caplog):
+    """Trainer._log_step on a stand-in engine: TensorBoard gets train/tflops = samples/s per device x
+    FLOPs per sample, and train/mfu against the peak; the log line shows both."""
+    import logging
+    import types
+
+    from engine.speed import SpeedSettings, Throughput
+    from engine.trainer import Trainer
+
+    class TB:
+        def __init__(self):
+            self.values = {}
+
+        def add(self, step, values):
+            self.values.update(values)
+
+    cfg = types.SimpleNamespace(context_length=16, speed=SpeedSettings(patch_dropout=0.5), world_size=2,
+                                ds=types.SimpleNamespace(precision="bf16", global_batch=64))
+    rate = Throughput(_tiny(), cfg)
+    rate.peak = 100.0  # as on a device in the peak table
+    fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0), cfg=cfg,
+                                 rate=rate, tb=TB(), _loss_scale=lambda: None)
+    with caplog.at_level(logging.INFO, logger="clip"):
+        Trainer._log_step(fake, 10, 100, 0, 1.5, 1e-3, 14.3, None, n_steps=4, elapsed=2.0)
+    per_sample = flops.clip_sample_flops(load_vision_config("ViT-tiny-test"), load_text_config("BERT-tiny-test"),
+                                         16, patch_dropout=0.5).train
+    expected = 64 * 4 / 2.0 / 2 * per_sample / 1e12  # 128 samples/s over 2 devices
+    assert fake.tb.values["train/samples_per_s"] == pytest.approx(128.0)
+    assert fake.tb.values["train/tflops"] == pytest.approx(expected)
+    assert fake.tb.values["train/mfu"] == pytest.approx(expected / 100.0)
+    assert "TFLOP/s/device" in caplog.text and "MFU" in caplog.text
