@@ -154,3 +154,20 @@ def test_log_step_reports_tflops_and_mfu(caplog):
     assert fake.tb.values["train/tflops"] == pytest.approx(expected)
     assert fake.tb.values["train/mfu"] == pytest.approx(expected / 100.0)
     assert "TFLOP/s/device" in caplog.text and "MFU" in caplog.text
+
+
+def test_speed_flags_reach_the_config_and_bad_values_are_refused():
+    import argparse
+
+    from data.files import InputError
+    from engine.config import build_parser
+    from engine.speed import speed_settings
+
+    args = build_parser().parse_args(["--train-data", "q", "--train-img", "i", "--patch-dropout", "0.5",
+                                      "--compile", "--threads", "3"])
+    s = speed_settings(args)
+    assert (s.patch_dropout, s.compile, s.threads) == (0.5, True, 3)
+    for bad in ({"patch_dropout": 1.0}, {"patch_dropout": -0.1}, {"threads": 0}):
+        ns = argparse.Namespace(**{"patch_dropout": 0.0, "compile": False, "threads": None, **bad})
+        with pytest.raises(InputError, match="--patch-dropout|--threads"):
+            speed_settings(ns)
