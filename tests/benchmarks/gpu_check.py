@@ -230,10 +230,10 @@ def work_baseline(s, batch_hint):
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=dev.type == "cuda")
     loss_fn = ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=True)
 
-    def make_step(data):
+    def make_step(data, net):
         def step(_):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                out = ddp(*data)
+                out = net(*data)
             loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -242,17 +242,18 @@ def work_baseline(s, batch_hint):
         return step
 
     def fits(b):
+        # on the bare model: DDP's reducer may be left mid-reduction by an OOM in backward
         try:
-            make_step(_batch(s, b))(0)
+            make_step(_batch(s, b), model)(0)
             _sync()
             return True
         except Exception as e:
             if not _is_oom(e):
                 raise
-            opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return False
+        opt.zero_grad(set_to_none=True)  # outside the except: the traceback no longer pins tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return False
 
     batch, tried = batch_hint, []
     if not batch:
@@ -273,7 +274,7 @@ def work_baseline(s, batch_hint):
                 ok = mid
         batch = ok
     out = {"batch": batch, "tried": tried, "optimizer": "torch AdamW" + (" (fused)" if dev.type == "cuda" else "")}
-    out.update(_figures(s, _rate(s, make_step(_batch(s, batch)), batch), "bf16"))
+    out.update(_figures(s, _rate(s, make_step(_batch(s, batch), ddp), batch), "bf16"))
     tdist.barrier()
     return out
 
