@@ -35,4 +35,4 @@ clean:
 # No venv dependency: a lent GPU machine may have no registry access; the script names what is missing.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(RUN) $(GPU_PY) tests/benchmarks/gpu_check.py --out gpu_check.json
+	$(RUN) $(GPU_PY) tests/benchmarks/gpu_check.py --out runs/gpu_check.json

@@ -15,7 +15,7 @@ training loop runs), data loading left out:
   * image feature extraction (engine/extract.encode_images, bf16) in images/s, LMDB reads left out.
 Prints a Markdown table and writes it as JSON (--out).
 
-  python tests/benchmarks/gpu_check.py --out gpu_check.json      # on a GPU machine (make gpu-check)
+  python tests/benchmarks/gpu_check.py --out runs/gpu_check.json # on a GPU machine (make gpu-check)
   python tests/benchmarks/gpu_check.py --cpu-smoke --out x.json  # the same code paths, tiny, on CPU
 
 Each training row runs in its own process (DeepSpeed engines of different ZeRO stages do not share a
@@ -474,7 +474,7 @@ def table(report) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: the same code paths")
-    p.add_argument("--out", default="gpu_check.json", help="JSON report")
+    p.add_argument("--out", default="runs/gpu_check.json", help="JSON report")
     p.add_argument("--timeout", type=int, default=300, help="seconds per training process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="gpu", help=argparse.SUPPRESS)
@@ -499,6 +499,7 @@ def main(argv=None) -> int:
     report["seconds"] = time.perf_counter() - t0
     text = table(report)
     print(text)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"gpu_check: {report['seconds']:.0f}s; JSON in {a.out}")
     bad = [n for n, r in report["train"].items() if "error" in r]
