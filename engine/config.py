@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from data.files import InputError, read_json_object
+from engine.speed import SpeedSettings, add_speed_arguments, speed_settings
 
 # Sections the trainer owns: the optimizer and schedule come from --lr/--wd/--warmup, TensorBoard is
 # written by engine.logging (DeepSpeed's own monitor needs the `tensorboard` package).
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole-model init: Chinese-CLIP .pt, HF ChineseCLIP folder, or our model_fp32.pt")
     m.add_argument("--freeze-image-tower", action="store_true", help="train the text tower only")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    add_speed_arguments(p)
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=32)
@@ -160,6 +162,7 @@ class TrainConfig:
     dist_timeout: float
     world_size: int
     ds: DSSettings
+    speed: SpeedSettings = SpeedSettings()
 
     @property
     def run_dir(self) -> Path:
@@ -380,7 +383,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         keep_last=args.keep_last, resume=args.resume, export=args.export or args.export_hf,
         export_hf=args.export_hf, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
-        dist_timeout=args.dist_timeout, world_size=ws, ds=ds)
+        dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args))
 
 
 def write_config(cfg: TrainConfig, extra: Optional[Dict[str, Any]] = None) -> Path:

@@ -25,6 +25,8 @@ from engine.config import TrainConfig, write_config
 from engine.export import export_run, warn_preprocessing
 from engine.logging import ScalarWriter, setup_logging
 from engine.optim import build_optimizer, param_groups, scheduler_factory
+from engine.speed import Throughput
+from engine.threads import apply_threads
 
 log = logging.getLogger("clip")
 
@@ -127,7 +129,7 @@ class Trainer:
             raise InputError(f"--context-length {cfg.context_length} exceeds the text model's "
                              f"max_position_embeddings {max_pos}")
         model = build_clip(cfg.model, cfg.text_model, grad_checkpointing=cfg.grad_checkpointing,
-                           vocab_size=self._vocab_size())
+                           vocab_size=self._vocab_size(), patch_dropout=cfg.speed.patch_dropout)
         if not cfg.resume:  # a resumed run takes every weight from its checkpoint
             self._load_weights(model)
         if cfg.freeze_image_tower:
@@ -155,6 +157,9 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed resolved micro batch {micro} x accumulation {gas}, expected "
                                f"{cfg.ds.micro_batch} x {cfg.ds.grad_accum} from {cfg.ds.path}")
         self.opt_name = opt_name
+        if cfg.speed.compile:  # after initialize: DeepSpeed compiles the module it wraps
+            engine.compile()
+            log.info("model compiled with torch.compile (engine.compile())")
         return engine
 
     # --- the run ----------------------------------------------------------------------------------
@@ -172,10 +177,12 @@ class Trainer:
         log.info("run dir %s; world size %d; DeepSpeed config %s (ZeRO %d, %s)", cfg.run_dir, cfg.world_size,
                  cfg.ds.path, cfg.ds.zero_stage, cfg.ds.precision)
         self.run_id = dist.broadcast_object(uuid.uuid4().hex)  # marks this run's checkpoints (see prune)
+        apply_threads(cfg.speed.threads)
 
         seed_all(cfg.seed)  # the same initial weights on every rank
         self._build_data()
         model = self._build_model()
+        self.rate = Throughput(model, cfg)  # TFLOP/s and MFU beside samples/s
         micro, gas = cfg.ds.micro_batch, cfg.ds.grad_accum
         from engine.loading import build_sampler
 
@@ -345,13 +352,15 @@ class Trainer:
         samples_s = cfg.ds.global_batch * n_steps / elapsed if elapsed > 0 else None
         step_time = elapsed / n_steps if n_steps else None
         scale16 = self._loss_scale() if cfg.ds.precision == "fp16" else None
-        log.info("step %d/%d epoch %d loss %.4f lr %.3g logit_scale %.2f grad_norm %s %.1f samples/s%s",
+        tflops, mfu = self.rate.figures(samples_s)
+        log.info("step %d/%d epoch %d loss %.4f lr %.3g logit_scale %.2f grad_norm %s %.1f samples/s%s%s",
                  step, end_step, epoch, loss, lr, logit_scale,
-                 f"{norm:.3g}" if norm is not None else "n/a", samples_s or 0.0,
+                 f"{norm:.3g}" if norm is not None else "n/a", samples_s or 0.0, self.rate.text(tflops, mfu),
                  f" loss_scale {scale16:g}" if scale16 is not None else "")
         self.tb.add(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale,
                            "train/grad_norm": norm, "train/loss_scale": scale16,
-                           "train/samples_per_s": samples_s, "train/step_time_s": step_time})
+                           "train/samples_per_s": samples_s, "train/step_time_s": step_time,
+                           "train/tflops": tflops, "train/mfu": mfu})
 
     def validate(self, step: int) -> Optional[Dict[str, float]]:
         """Full-pool text-to-image recall on the validation split (every rank takes part)."""

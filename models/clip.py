@@ -83,8 +83,12 @@ class CLIP(nn.Module):
 
 def build_clip(vision: Union[str, Path, VisionConfig] = "ViT-B-16",
                text: Union[str, Path, BertConfig] = "RoBERTa-wwm-ext-base-chinese",
-               grad_checkpointing: bool = False, vocab_size: Optional[int] = None) -> CLIP:
+               grad_checkpointing: bool = False, vocab_size: Optional[int] = None,
+               patch_dropout: float = 0.0) -> CLIP:
     """Build a randomly initialised CLIP from config names (models/configs/) or JSON paths.
-    vocab_size overrides the text config's (a tokenizer with a smaller vocabulary)."""
-    return CLIP(load_vision_config(vision), load_text_config(text, vocab_size=vocab_size),
-                grad_checkpointing=grad_checkpointing)
+    vocab_size overrides the text config's (a tokenizer with a smaller vocabulary); patch_dropout is
+    the fraction of image patches dropped in training mode (models.vit.drop_patches)."""
+    model = CLIP(load_vision_config(vision), load_text_config(text, vocab_size=vocab_size),
+                 grad_checkpointing=grad_checkpointing)
+    model.visual.patch_dropout = float(patch_dropout)
+    return model

@@ -118,6 +118,25 @@ class Transformer(nn.Module):
         return x
 
 
+def kept_patches(patches: int, fraction: float) -> int:
+    """Patch tokens that patch dropout keeps: int(patches x (1 - fraction)), at least one."""
+    return patches if fraction <= 0 else max(1, int(patches * (1.0 - fraction)))
+
+
+def drop_patches(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep the class token (position 0) and a random subset of kept_patches() patch tokens of each
+    image, in their original order. Done after the positional embedding is added, so every kept
+    token still knows where it came from."""
+    b, n, w = x.shape
+    patches = n - 1
+    keep = kept_patches(patches, fraction)
+    if keep >= patches:
+        return x
+    idx = torch.rand(b, patches, device=x.device).topk(keep, dim=1).indices.sort(1).values + 1
+    kept = x.gather(1, idx.unsqueeze(-1).expand(b, keep, w))
+    return torch.cat([x[:, :1], kept], dim=1)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -130,6 +149,9 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, cfg.act)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, cfg.embed_dim))
+        # Fraction of patch tokens dropped at random in training (FLIP); a run option, not an
+        # architecture field: eval/extraction always see every patch.
+        self.patch_dropout = 0.0
         self.reset_parameters()
 
     @torch.no_grad()
@@ -164,5 +186,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)                        # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        if self.training and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj

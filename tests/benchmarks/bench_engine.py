@@ -108,15 +108,63 @@ def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeat
         stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=_prep)
         return lambda b: stepper.run([b])
 
-    # Alternate the two so drift in machine load hits both alike; keep the best of each.
-    plain, eng = [], []
+    # Alternate the loops so drift in machine load hits all alike; keep the best of each.
+    peer = _open_clip_loop(vision, text, batches[0][1].shape[1])
+    plain, eng, oc = [], [], []
     for _ in range(repeats):
         plain.append(_time_steps(plain_loop(), batches, warmup))
         eng.append(_time_steps(engine_loop(), batches, warmup))
+        if peer:
+            oc.append(_time_steps(peer(), batches, warmup))
     p, e = max(plain), max(eng)
     return {"model": f"{vision} + {text}", "batch": batch, "threads": torch.get_num_threads(),
             "plain_steps_s": p, "engine_steps_s": e, "overhead_pct": 100 * (p / e - 1),
-            "plain_all": plain, "engine_all": eng}
+            "plain_all": plain, "engine_all": eng, "open_clip_steps_s": max(oc) if oc else None,
+            "open_clip_all": oc, "engine_vs_open_clip": e / max(oc) if oc else None}
+
+
+def _open_clip_loop(vision: str, text: str, context: int):
+    """The peer baseline: open_clip's CLIP (ViT + its causal text transformer) at our towers' widths,
+    depths, heads and MLP sizes, with its ClipLoss, in a plain loop; None without open_clip
+    (pip install -r tests/benchmarks/requirements.txt)."""
+    try:
+        import open_clip  # noqa: F401
+        from open_clip.loss import ClipLoss as OpenClipLoss
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    except ImportError:
+        print("open_clip not installed: no peer baseline (pip install -r tests/benchmarks/requirements.txt)")
+        return None
+    import torch
+
+    from engine.optim import build_optimizer, param_groups, scheduler_factory
+    from models import load_text_config, load_vision_config
+
+    vc, tc = load_vision_config(vision), load_text_config(text)
+
+    def make():
+        torch.manual_seed(0)
+        model = CLIP(embed_dim=vc.embed_dim, quick_gelu=vc.act == "quick_gelu",
+                     vision_cfg=CLIPVisionCfg(layers=vc.vision_layers, width=vc.vision_width,
+                                              head_width=vc.vision_width // vc.vision_heads,
+                                              patch_size=vc.vision_patch_size, image_size=vc.image_resolution),
+                     text_cfg=CLIPTextCfg(context_length=context, vocab_size=tc.vocab_size, width=tc.hidden_size,
+                                          heads=tc.num_attention_heads, layers=tc.num_hidden_layers,
+                                          mlp_ratio=tc.intermediate_size / tc.hidden_size))
+        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+        sched = scheduler_factory(10, 1000)(opt)
+        loss_fn = OpenClipLoss()
+
+        def step(b):
+            x, t = _prep(b)
+            image_features, text_features, scale = model(x, t)
+            loss = loss_fn(image_features, text_features, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        return step
+    return make
 
 
 def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out: str) -> None:
@@ -212,9 +260,14 @@ def main() -> int:
         r = overhead(a.vision or "ViT-demo-64", a.text or "BERT-demo", a.batch or 64, a.steps or 30, a.warmup,
                      a.repeats)
         results["overhead"] = r
-        print(f"\n| model | batch | threads | plain torch steps/s | engine steps/s | engine overhead |\n"
-              f"|---|---|---|---|---|---|\n| {r['model']} | {r['batch']} | {r['threads']} | "
-              f"{r['plain_steps_s']:.2f} | {r['engine_steps_s']:.2f} | {r['overhead_pct']:+.1f}% |")
+        oc, ratio = r["open_clip_steps_s"], r["engine_vs_open_clip"]
+        print(f"\n| model | batch | threads | plain torch steps/s | engine steps/s | engine overhead | "
+              f"open_clip plain loop steps/s | engine / open_clip |\n|---|---|---|---|---|---|---|---|\n"
+              f"| {r['model']} | {r['batch']} | {r['threads']} | {r['plain_steps_s']:.2f} | "
+              f"{r['engine_steps_s']:.2f} | {r['overhead_pct']:+.1f}% | {f'{oc:.2f}' if oc else 'n/a'} | "
+              f"{f'{ratio:.3f}' if oc else 'n/a'} |")
+        print("all runs (steps/s): plain", [round(v, 2) for v in r["plain_all"]], "engine",
+              [round(v, 2) for v in r["engine_all"]], "open_clip", [round(v, 2) for v in r["open_clip_all"]])
     if a.part in ("all", "memory"):
         rows = memory(a.vision or "ViT-B-16", a.text or "RBT3-chinese", a.batch or 2, a.steps or 2)
         results["memory"] = rows
