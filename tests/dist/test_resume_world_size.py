@@ -13,8 +13,12 @@ FLAGS = ["--epochs", "1", "--save-every-steps", "3", "--save-frequency", "0", "-
 
 
 def _max_rel_diff(a, b):
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item()
-               for k in b if b[k].is_floating_point())
+    """||a - b|| / ||b|| over the whole model. Per tensor would be meaningless for the attention key
+    biases: their gradient is zero up to rounding (softmax ignores a shift along the keys), so Adam
+    turns summation-order noise into their whole ~1e-8 movement."""
+    keys = [k for k in b if b[k].is_floating_point()]
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in keys).sqrt()
+    return (diff / sum((b[k] ** 2).sum() for k in keys).sqrt()).item()
 
 
 def _first_then_resume(data, logs, name, first, then):
@@ -49,7 +53,7 @@ def test_resume_on_another_world_size_matches_the_uninterrupted_run(tmp_path):
     assert _max_rel_diff(up, ref) < 1e-5, _max_rel_diff(up, ref)
     # the runs moved the weights: a resume that restarted from scratch would not match
     init = torch.load(logs / "down" / "checkpoints" / "step_00000003" / "universal" / "zero" /
-                      "text_projection" / "fp32.pt", weights_only=False)["param"]
+                      "text_projection" / "fp32.pt", weights_only=True)["param"]
     assert not torch.allclose(init, ref["text_projection"], rtol=1e-3)
 
     # another ZeRO stage, another global batch: refused before DeepSpeed loads, naming both sides

@@ -31,6 +31,7 @@ def test_same_global_batch_on_another_world_size_is_accepted():
     ({"train_pairs": 95}, "saved with 96 training pairs, this run has 95"),
     ({"world_size": 1}, "saved with global batch 8 = micro 4 x 1 x 2 ranks, this run has 4"),
     ({"micro_batch": 8}, "saved with global batch 8"),
+    ({"world_size": 1, "grad_accum": 2, "zero_stage": 3}, "saved with ZeRO 2 fp32, this run asks ZeRO 3"),
 ])
 def test_a_change_that_breaks_an_exact_resume_is_refused_in_one_line(kw, words):
     with pytest.raises(InputError) as e:
@@ -38,6 +39,13 @@ def test_a_change_that_breaks_an_exact_resume_is_refused_in_one_line(kw, words):
     msg = str(e.value)
     assert words in msg and "runs/a/checkpoints/step_00000003" in msg and "\n" not in msg
     assert "--init-from" in msg
+
+
+def test_zero3_on_another_world_size_is_refused():
+    z3 = {**SAVED, "zero_stage": 3}
+    check(z3, shape(zero_stage=3), "ck")  # same world size: DeepSpeed's own load
+    with pytest.raises(InputError, match="ZeRO-3 checkpoint cannot be carried to another world size"):
+        check(z3, shape(zero_stage=3, world_size=1, grad_accum=2), "ck")
 
 
 def test_an_old_checkpoint_without_the_record_is_accepted_with_a_warning(caplog):
