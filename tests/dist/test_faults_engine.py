@@ -84,6 +84,13 @@ def _stopped_child(launcher):
     return None
 
 
+def _is_rank(p):
+    try:
+        return any(a.endswith("launch/train.py") for a in p.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return False
+
+
 def test_hung_rank_ends_every_process_through_the_deepspeed_launcher(tmp_path):
     """Rank 1 SIGSTOPs itself in step 3 before its update (a hung rank: alive, silent), so rank 0
     waits in ZeRO's gradient-norm all-reduce on DeepSpeed's own process group. Run as users run it, under
@@ -118,7 +125,7 @@ def test_hung_rank_ends_every_process_through_the_deepspeed_launcher(tmp_path):
         except psutil.NoSuchProcess:
             return False
 
-    everyone, stopped, t_stop, survivor_gone, gone_at = set(), None, None, None, None
+    everyone, ranks, stopped, t_stop, survivor_gone, gone_at = set(), set(), None, None, None, None
     deadline = time.monotonic() + 600  # startup on a busy machine, then at most 150 s after the stop
     try:
         while time.monotonic() < deadline:
@@ -129,7 +136,8 @@ def test_hung_rank_ends_every_process_through_the_deepspeed_launcher(tmp_path):
             if t_stop is None and (stopped := _stopped_child(launcher)) is not None:
                 t_stop = time.monotonic()
                 deadline = min(deadline, t_stop + 150)
-            if t_stop and survivor_gone is None and not any(alive(p) for p in everyone if p != stopped):
+            ranks |= {p for p in everyone if p not in ranks and _is_rank(p)}  # not the launcher's processes
+            if t_stop and survivor_gone is None and not any(alive(p) for p in ranks - {stopped}):
                 survivor_gone = time.monotonic()
             if proc.poll() is not None and not any(alive(p) for p in everyone):
                 gone_at = time.monotonic()
