@@ -201,14 +201,16 @@ def resolve(resume: str, ckpt_dir: Path) -> Tuple[Path, str]:
     return base, tag
 
 
-def load(engine, load_dir: Path, tag: str) -> Dict[str, Any]:
-    """Load model/optimizer/scheduler state into a fresh engine and this rank's RNG states; returns
-    the client_state saved with it."""
+def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path]) -> Dict[str, Any]:
+    """Load model/optimizer/scheduler state into a fresh engine, and this rank's RNG states from
+    rng_dir (the tag's folder; None: not restored); returns the client_state saved with it."""
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise InputError(f"could not load checkpoint {Path(load_dir) / tag}")
-    rng_file = Path(load_dir) / tag / f"rng_rank{dist.rank()}.pt"
+    if rng_dir is None:
+        return client_state or {}
+    rng_file = Path(rng_dir) / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     else:

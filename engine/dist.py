@@ -4,22 +4,27 @@ Models and data never see ranks; the engine asks this module. Each helper degrad
 single-process answer when no process group is initialised, so the same code runs as
 `python launch/x.py`, under `torchrun`, and under `deepspeed` (with or without `--hostfile`).
 
-A dead rank must not hang the others: every process group gets a finite timeout, and on NCCL the
-async error handling that turns a stuck collective into an exception is switched on.
+A dead or hung rank must not hang the others: every process group gets a finite timeout (also the
+groups DeepSpeed creates itself), on NCCL the async error handling that turns a stuck collective into
+an exception is switched on, and a Watchdog ends a rank whose training step makes no progress.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
 import sys
-from typing import Any, List, NoReturn, Optional
+import threading
+import time
+from typing import Any, Iterator, List, NoReturn, Optional
 
 import torch
 import torch.distributed as tdist
 
 DEFAULT_TIMEOUT_S = 300
+JOIN_TIMEOUT_S = 180
 
 
 def _free_port() -> int:
@@ -60,15 +65,38 @@ def init_distributed(use_deepspeed: bool = True, timeout_s: float = DEFAULT_TIME
     # Turn a hung NCCL collective into an error instead of a silent hang (no effect on gloo).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s)
+    # Joining waits for the slowest rank's start (imports, a busy node), which has nothing to do with
+    # a hung peer: give it at least JOIN_TIMEOUT_S, then hold the group's collectives to `timeout`.
+    join = max(timeout, datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    _default_group_timeout(join)
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(timeout=timeout, verbose=False)
+        deepspeed.init_distributed(timeout=join, verbose=False)
     else:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        tdist.init_process_group(backend=backend, timeout=timeout)
+        tdist.init_process_group(backend=backend, timeout=join)
+    if join != timeout:
+        tdist.set_timeout(timeout)
+    _default_group_timeout(timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on in this process.
+
+    DeepSpeed builds its own groups (ZeRO's gradient and norm collectives run on a clone of the
+    world group, deepspeed/utils/groups.py) with `torch.distributed.new_group(ranks)` and no timeout,
+    and torch then takes its module defaults (30 min on gloo, 10 min on NCCL): a hung peer would
+    stall the others for that long whatever --dist-timeout says. torch reads those defaults from
+    distributed_c10d's module globals at each new_group call (_get_default_timeout), so setting them
+    there reaches every later group; a group created with an explicit timeout keeps its own.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def is_initialized() -> bool:
@@ -131,6 +159,60 @@ def exit_process(code: int, timeout_s: float = 60) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def comm_failure_line(exc: BaseException, timeout_s: float) -> Optional[str]:
+    """One line for a rank that stops because a collective gave up (a peer died or hung), naming the
+    timeout so the user knows it was not this rank's own fault; None for any other exception."""
+    text = str(exc).strip()
+    comm = isinstance(exc, getattr(tdist, "DistError", ())) or (isinstance(exc, RuntimeError) and any(
+        k in text for k in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL")))
+    if not comm or world_size() == 1:
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return (f"rank {rank()}: a collective failed or made no progress for {timeout_s:g} s (--dist-timeout): "
+            f"a peer rank died or hung; ending this rank ({type(exc).__name__}: {first})")
+
+
+class Watchdog:
+    """Ends this process (exit code EXIT_NO_PROGRESS) when an armed section runs longer than
+    timeout_s: the backstop behind the process groups' own timeouts, for anything that blocks
+    without one. Armed only around the training step (validation and saving have no fixed length;
+    their collectives are bounded by the group timeout). A daemon thread: it never keeps a process
+    alive, and it needs nothing from the peers, so it fires even when a peer is stopped."""
+
+    EXIT_NO_PROGRESS = 4
+
+    def __init__(self, timeout_s: float, source: str = "--dist-timeout", enabled: bool = True, poll_s: float = 1.0):
+        self.timeout_s, self.source, self.enabled = timeout_s, source, enabled
+        self._poll_s = min(poll_s, timeout_s / 4)
+        self._deadline: Optional[float] = None
+        self._what = ""
+        if enabled:  # one process alone has no peer to wait for
+            threading.Thread(target=self._watch, name="clip-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def armed(self, what: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._poll_s)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                msg = (f"rank {rank()}: no progress for {self.timeout_s:g} s ({self.source}) in {self._what}: "
+                       f"a peer rank is dead or hung; ending this rank")
+                logging.getLogger("clip").error(msg)  # every rank logs errors (engine/logging.py)
+                print(msg, file=sys.stderr, flush=True)  # also when logging is not set up
+                logging.shutdown()
+                os._exit(self.EXIT_NO_PROGRESS)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -5,6 +5,7 @@ into argparse. Every collective goes through engine.dist; only rank 0 writes log
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from data.files import InputError
-from engine import checkpoint, dist, rundir
+from engine import checkpoint, dist, resume, rundir
 from engine.accumulation import ContrastiveStep
 from engine.config import TrainConfig, write_config
 from engine.export import export_run, warn_preprocessing
@@ -39,17 +40,20 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _test_fault(step: int) -> None:
-    """Test hook: CLIP_TEST_DIE_AT_STEP=N [CLIP_TEST_DIE_RANK=r] [CLIP_TEST_DIE_HOW=exit|kill] ends
-    this rank right after optimizer step N (after any checkpoint of that step), like a crash."""
+def _test_fault(step: int, before_update: bool = False) -> None:
+    """Test hook: CLIP_TEST_DIE_AT_STEP=N [CLIP_TEST_DIE_RANK=r] [CLIP_TEST_DIE_HOW=exit|kill|stop] ends
+    this rank right after optimizer step N (after any checkpoint of that step), like a crash; `stop`
+    SIGSTOPs it instead (a hung rank: alive, silent). CLIP_TEST_DIE_BEFORE_UPDATE=1 moves the fault to
+    step N's last backward, before its update, where the peers wait in ZeRO's own collectives."""
     at = os.environ.get("CLIP_TEST_DIE_AT_STEP")
-    if not at or int(at) != step:
+    if not at or int(at) != step or before_update != (os.environ.get("CLIP_TEST_DIE_BEFORE_UPDATE") == "1"):
         return
     who = os.environ.get("CLIP_TEST_DIE_RANK")
     if who is not None and int(who) != dist.rank():
         return
-    if os.environ.get("CLIP_TEST_DIE_HOW", "kill") == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    how = os.environ.get("CLIP_TEST_DIE_HOW", "kill")
+    if how in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     os._exit(1)
 
 
@@ -151,7 +155,8 @@ class Trainer:
                                               cfg.ds.offload_optimizer)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=scheduler_factory(cfg.warmup, total_steps),
-                                               config=cfg.ds.for_engine(), dist_init_required=False)
+                                               config={**cfg.ds.for_engine(), **(self.resume_plan.engine_config()
+                                                       if self.resume_plan else {})}, dist_init_required=False)
         micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         if (micro, gas) != (cfg.ds.micro_batch, cfg.ds.grad_accum):
             raise RuntimeError(f"DeepSpeed resolved micro batch {micro} x accumulation {gas}, expected "
@@ -172,6 +177,8 @@ class Trainer:
         # A default run name is a timestamp: take rank 0's so all ranks write one run dir.
         cfg = self.cfg = dataclasses.replace(cfg, name=dist.broadcast_object(cfg.name))
         main = dist.is_main()
+        # The backstop behind the groups' timeouts; twice the timeout so no healthy step trips it.
+        self.watchdog = dist.Watchdog(2 * cfg.dist_timeout, "2 x --dist-timeout", cfg.world_size > 1)
         setup_logging(None, dist.rank())  # train.log starts when the run dir is created (below)
         rundir.claim(cfg.run_dir, cfg.resume, cfg.overwrite)  # refused before anything is written
         log.info("run dir %s; world size %d; DeepSpeed config %s (ZeRO %d, %s)", cfg.run_dir, cfg.world_size,
@@ -194,6 +201,10 @@ class Trainer:
                              f"({cfg.ds.global_batch} = micro {micro} x accumulation {gas} x {cfg.world_size} "
                              f"ranks); lower the batch size in {cfg.ds.path}")
         total_steps = cfg.epochs * steps_per_epoch
+        self.shape = resume.RunShape(cfg.world_size, micro, gas, len(self.dataset), cfg.ds.zero_stage, cfg.ds.precision,
+                                     cfg.sampling)
+        # Checked (and converted for a new world size) before DeepSpeed loads anything.
+        self.resume_plan = resume.prepare(cfg.resume, cfg.checkpoint_dir, self.shape) if cfg.resume else None
         self.engine = engine = self._build_engine(model, total_steps)
         self.device = dist.device()
         self.dtype = _DTYPES[cfg.ds.precision]
@@ -223,24 +234,17 @@ class Trainer:
         return summary
 
     def _resume(self, steps_per_epoch: int):
-        cfg = self.cfg
-        load_dir, tag = checkpoint.resolve(cfg.resume, cfg.checkpoint_dir)
-        state = checkpoint.load(self.engine, load_dir, tag)
-        expect = {"world_size": cfg.world_size, "micro_batch": cfg.ds.micro_batch,
-                  "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset), "sampling": cfg.sampling}
-        state.setdefault("sampling", "global")  # checkpoints from before shard-local sampling
-        diff = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
-        if diff:
-            raise InputError(f"--resume {load_dir / tag}: saved with " +
-                             ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) + ", now " +
-                             ", ".join(f"{k}={b}" for k, (_, b) in diff.items()) +
-                             "; an exact resume needs the same data, sampling, world size and batch config "
-                             "(start a new run with --init-from <run>/model_fp32.pt to change them)")
-        self.run_id = state.get("run_id") or self.run_id  # checkpoints from before run ids: a new id
-        epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        log.info("resumed from %s: step %d, epoch %d, %d steps into it", load_dir / tag,
+        p = self.resume_plan
+        load_dir, tag = p.load_dir_and_tag
+        same_world = int(p.saved["world_size"]) == self.cfg.world_size
+        # Another world size: rank r's saved RNG streams belong to another split of the batch.
+        checkpoint.load(self.engine, load_dir, tag, rng_dir=p.source if same_world else None)
+        self.run_id = p.saved.get("run_id") or self.run_id  # checkpoints from before run ids: a new id
+        epoch, step_in_epoch = resume.data_position(p.saved, self.shape, steps_per_epoch)
+        if not same_world:
+            seed_all(self.cfg.seed + 1009 * dist.rank() + 7919 * self.engine.global_steps)
+        log.info("resumed from %s%s: step %d, epoch %d, %d steps into it", p.source,
+                 "" if same_world else f" (saved on {p.saved['world_size']} ranks, universal checkpoint)",
                  self.engine.global_steps, epoch, step_in_epoch)
         return epoch, step_in_epoch
 
@@ -270,6 +274,7 @@ class Trainer:
         norm_box = {}
 
         def grad_norm_before_step():
+            _test_fault(engine.global_steps + 1, before_update=True)
             if own_norm:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 norm_box["norm"] = torch.linalg.vector_norm(
@@ -295,7 +300,8 @@ class Trainer:
                 for step_in_epoch in range(start_step, steps_per_epoch):
                     lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves it on after)
                     t0 = time.perf_counter()
-                    result = stepper.run([next(it) for _ in range(gas)])
+                    with self.watchdog.armed(f"step {step + 1}"):
+                        result = stepper.run([next(it) for _ in range(gas)])
                     win_time += time.perf_counter() - t0
                     step = engine.global_steps
                     state = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
@@ -389,8 +395,6 @@ class Trainer:
         """Under ZeRO-3, the parameters held directly by the CLIP module (text_projection,
         logit_scale) are only gathered inside its forward; encode_text/encode_image called on their
         own need them gathered (submodules gather theirs through their hooks)."""
-        import contextlib
-
         if self.cfg.ds.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
@@ -401,9 +405,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.tb.flush()  # the points up to this step reach the disk before the checkpoint commits
-        client = {**state, "global_step": step, "run_id": self.run_id, "world_size": cfg.world_size,
-                  "micro_batch": cfg.ds.micro_batch, "grad_accum": cfg.ds.grad_accum, "train_pairs": len(self.dataset),
-                  "sampling": cfg.sampling,
+        client = {**state, "global_step": step, "run_id": self.run_id, **self.shape.record(),  # resume.check reads these
                   "samples_per_rank_done": state["step_in_epoch"] * cfg.ds.micro_batch * cfg.ds.grad_accum}
         tag = checkpoint.save(self.engine, cfg.checkpoint_dir, step, client, cfg.keep_last)
         log.info("saved checkpoint %s in %.1fs", cfg.checkpoint_dir / tag, time.perf_counter() - t0)

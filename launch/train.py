@@ -10,6 +10,7 @@ Flags: `python launch/train.py --help`; the work happens in engine/ (config -> T
 """
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,7 +18,7 @@ from data.files import InputError  # noqa: E402
 from engine.accumulation import NonFiniteLoss  # noqa: E402
 from engine.config import build_config, parse_args  # noqa: E402
 
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NONFINITE = 1, 2, 3
 
 
 def main(argv=None) -> int:
@@ -39,6 +40,18 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except Exception as e:  # noqa: BLE001 - end through exit_process: fast, non-zero, no teardown hang
+        from engine import dist
+
+        line = dist.comm_failure_line(e, cfg.dist_timeout)
+        if line is None:
+            traceback.print_exc()
+        else:  # also into the run's train.log (rank 0)
+            import logging
+
+            logging.getLogger("clip").error(line)
+        print(f"train.py: error: {line or e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         trainer.close()
     print(f"train.py: done at step {summary['step']} (loss {summary.get('loss', float('nan')):.4f})")

@@ -42,7 +42,7 @@ def base_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def run_ranks(argv: Sequence[str], world_size: int = 2, timeout: float = 240,
+def run_ranks(argv: Sequence[str], world_size: int = 2, timeout: float = 600,
               env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None) -> List[RankResult]:
     """Run `python *argv` as `world_size` ranks; return each rank's exit code and output.
 

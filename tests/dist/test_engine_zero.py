@@ -30,9 +30,9 @@ def test_zero_stages_track_zero0(tmp_path):
              f"init:{runs['z0']}:--max-steps,1,--export-hf,--save-frequency,0,--lr,1e-20,"
              f"--init-from,{logs / 'z0' / 'model_fp32.pt'}"]
     first = run_ranks([WORKER, str(tmp_path / "data"), str(logs)] + [spec(n) for n in ("z0", "z1", "z2", "z2bf16")]
-                      + extra, timeout=240)
+                      + extra, timeout=600)
     assert_all_ok(first)
-    assert_all_ok(run_ranks([WORKER, str(tmp_path / "data"), str(logs), spec("z3")], timeout=240))
+    assert_all_ok(run_ranks([WORKER, str(tmp_path / "data"), str(logs), spec("z3")], timeout=600))
 
     sd = {n: read_model_file(logs / n / "model_fp32.pt")[0] for n in runs}
     assert all(sd[n].keys() == sd["z0"].keys() for n in sd)

@@ -48,7 +48,7 @@ def direct_features(root):
 
 def test_two_ranks_equal_one_and_direct_encoding(split, tmp_path, repo_root):
     results = run_ranks([str(repo_root / "launch/extract.py"), *extract_args(split, tmp_path / "two")],
-                        world_size=2, timeout=180)
+                        world_size=2, timeout=540)
     assert_all_ok(results)
     assert sorted(p.name for p in (tmp_path / "two/image_feats").iterdir()) == \
         ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
@@ -106,7 +106,7 @@ def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, r
     assert 0 < one["r10"] and one["r1"] < 100  # a random model: neither degenerate end
 
     results = run_ranks([str(repo_root / "tests/dist/workers/extract_eval.py"), str(split), str(tmp_path)],
-                        world_size=2, timeout=180)
+                        world_size=2, timeout=540)
     assert_all_ok(results)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:

@@ -14,7 +14,7 @@ def test_gathered_loss_and_exact_accumulation_match_single_process(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     results = run_ranks([str(REPO / "tests/dist/workers/engine_loss.py"), str(tmp_path / "data"), str(out)],
-                        world_size=2, timeout=180)
+                        world_size=2, timeout=540)
     assert_all_ok(results)
     for r in range(2):
         res = json.loads((out / f"rank{r}.json").read_text())

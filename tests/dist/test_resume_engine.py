@@ -33,15 +33,15 @@ def test_killed_during_save_then_resumed_is_bit_identical(tmp_path):
              "--keep-last", "2", "--export", "--lr", str(LR), "--warmup", str(WARMUP), "--val-every-steps", "4"]
     logs = tmp_path / "runs"
 
-    assert_all_ok(run_ranks(train_argv(data, ds, logs, "a", flags, val=True), timeout=240))
+    assert_all_ok(run_ranks(train_argv(data, ds, logs, "a", flags, val=True), timeout=600))
     # B: SIGKILLed (both ranks) inside the save of step 6, after DeepSpeed wrote its files
-    killed = run_ranks(train_argv(data, ds, logs, "b", flags, val=True), timeout=240,
+    killed = run_ranks(train_argv(data, ds, logs, "b", flags, val=True), timeout=600,
                        env={"CLIP_TEST_DIE_IN_SAVE": "6"})
     assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, [r.output[-2000:] for r in killed]
     ckpt_b = logs / "b" / "checkpoints"
     assert (ckpt_b / "latest").read_text().strip() == "step_00000003"  # the half-saved step 6 is not named
     assert (ckpt_b / "step_00000006").is_dir() and not (ckpt_b / "step_00000006" / "meta.json").exists()
-    resumed = run_ranks(train_argv(data, ds, logs, "b", flags + ["--resume", "latest"], val=True), timeout=240)
+    resumed = run_ranks(train_argv(data, ds, logs, "b", flags + ["--resume", "latest"], val=True), timeout=600)
     assert_all_ok(resumed)
     assert "resumed from" in resumed[0].output and "step 3, epoch 0, 3 steps into it" in resumed[0].output
 

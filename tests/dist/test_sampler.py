@@ -13,7 +13,7 @@ SIZES = [100, 250, 1, 0, 300, 150, 200]  # 1001 pairs in uneven shards
 
 def _run(tmp_path, repo_root, world, n, seed, epoch, start, batch, extra=()):
     results = run_ranks([str(repo_root / "tests/dist/workers/sampler_worker.py"), str(tmp_path), str(n),
-                         str(seed), str(epoch), str(start), str(batch), *extra], world_size=world, timeout=120)
+                         str(seed), str(epoch), str(start), str(batch), *extra], world_size=world, timeout=360)
     assert_all_ok(results)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 

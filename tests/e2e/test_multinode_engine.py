@@ -30,7 +30,7 @@ def test_two_nodes_one_rank_each_on_loopback(tmp_path):
                         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")})
         procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 720
     try:
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))

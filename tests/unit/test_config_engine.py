@@ -53,28 +53,23 @@ def test_sampling_mode_is_global_unless_shard_local(files):
     assert c.shard_local and c.sampling == "shard-local" and c.to_dict()["shard_local"] is True
 
 
-def test_resume_refuses_another_sampling_mode(files, monkeypatch):
+def test_resume_refuses_another_sampling_mode():
     """A checkpoint records its sampling mode; resuming it in the other mode would not be exact."""
-    from types import SimpleNamespace
+    from engine.resume import RunShape, check
 
-    from engine import trainer
-
-    saved = {"world_size": 1, "micro_batch": 4, "grad_accum": 1, "train_pairs": 40, "epoch": 0, "step_in_epoch": 3}
-    monkeypatch.setattr(trainer.checkpoint, "resolve", lambda *a: (files, "step_00000003"))
-    monkeypatch.setattr(trainer.checkpoint, "load", lambda *a: dict(saved))
-
-    def resume(*extra):
-        t = trainer.Trainer(cfg_of(files, ds(files), "--resume", str(files), *extra))
-        t.dataset, t.engine = [None] * 40, SimpleNamespace(global_steps=3)
-        return t._resume(steps_per_epoch=10)
-
-    assert resume() == (0, 3)  # a checkpoint from before the mode was recorded counts as global
+    saved = {"world_size": 1, "micro_batch": 4, "grad_accum": 1, "train_pairs": 40, "zero_stage": 2,
+             "precision": "fp32", "epoch": 0, "step_in_epoch": 3}
+    run = lambda sampling: RunShape(1, 4, 1, 40, 2, "fp32", sampling)  # noqa: E731
+    check(dict(saved), run("global"), "ckpt")  # a checkpoint from before the mode was recorded counts as global
     with pytest.raises(InputError, match="saved with sampling=global, now sampling=shard-local"):
-        resume("--shard-local")
+        check(dict(saved), run("shard-local"), "ckpt")
     saved["sampling"] = "shard-local"
-    assert resume("--shard-local") == (0, 3)
+    check(dict(saved), run("shard-local"), "ckpt")
     with pytest.raises(InputError, match="saved with sampling=shard-local, now sampling=global"):
-        resume()
+        check(dict(saved), run("global"), "ckpt")
+    # shard-local order depends on the world size: another world size is refused even with the same global batch
+    with pytest.raises(InputError, match="shard-local order depends on the world size"):
+        check(dict(saved), RunShape(2, 2, 1, 40, 2, "fp32", "shard-local"), "ckpt")
 
 
 @pytest.mark.parametrize("cfg,world,expect", [

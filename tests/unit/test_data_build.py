@@ -172,10 +172,10 @@ def test_cli_fail_exits_nonzero_and_skip_reports(tmp_path, jpegs, repo_root):
     tsv = _bad_tsv(tmp_path, jpegs, BAD_LINES["non-image"])
     cmd = [sys.executable, str(repo_root / "launch" / "build_lmdb.py"), "--input", str(tsv),
            "--resolution", str(R), "--workers", "1", "--no-progress"]
-    p = subprocess.run(cmd + ["--output", str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(cmd + ["--output", str(tmp_path / "a")], capture_output=True, text=True, timeout=360)
     assert p.returncode != 0 and f"{tsv}:4: image id 77" in p.stderr
     p = subprocess.run(cmd + ["--output", str(tmp_path / "b"), "--on-error", "skip"], capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=360)
     assert p.returncode == 0, p.stderr
     assert "skipped 1 bad image" in p.stdout and str(tmp_path / "b" / "skipped.tsv") in p.stdout
 

@@ -105,8 +105,8 @@ def test_store_is_usable_in_forked_and_spawned_workers(tmp_path, method):
     q = ctx.Queue()
     p = ctx.Process(target=_child_read, args=(store, ids, q))
     p.start()
-    got = q.get(timeout=60)
-    p.join(60)
+    got = q.get(timeout=180)
+    p.join(180)
     assert p.exitcode == 0
     assert got == [a.tobytes() for a in arrs]
     assert store.get(ids[1]).tobytes() == arrs[1].tobytes()  # the parent still reads

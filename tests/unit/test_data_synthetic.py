@@ -118,7 +118,7 @@ def test_deterministic_by_seed_whatever_the_workers(synth, tmp_path):
 def test_cli_and_store(tmp_path, repo_root):
     p = subprocess.run([sys.executable, str(repo_root / "launch" / "make_synthetic.py"), "--out", str(tmp_path),
                         "--train-images", "30", "--valid-images", "20", "--test-images", "10", "--workers", "1",
-                        "--build-lmdb", "--no-progress"], capture_output=True, text=True, timeout=120)
+                        "--build-lmdb", "--no-progress"], capture_output=True, text=True, timeout=360)
     assert p.returncode == 0, p.stderr
     store = ImageStore(tmp_path / "lmdb" / "valid")
     assert len(store) == 20 and store.resolution == 64

@@ -162,7 +162,7 @@ def test_gallery_renders_in_headless_chromium(gallery_inputs):
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={tmp / 'profile'}", "--window-size=1200,900",
-                    f"--screenshot={shot}", out.as_uri()], check=True, timeout=120, capture_output=True)
+                    f"--screenshot={shot}", out.as_uri()], check=True, timeout=360, capture_output=True)
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
 
     def count(colour):

@@ -240,7 +240,7 @@ def test_killed_writer_never_leaves_a_complete_looking_file(tmp_path, repo_root)
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(out), str(repo_root)], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"start"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while not any(p.stat().st_size > 1_000_000 for p in tmp_path.iterdir()):  # well into the write
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
