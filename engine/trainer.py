@@ -59,25 +59,14 @@ class Trainer:
     # --- building ---------------------------------------------------------------------------------
 
     def _build_data(self):
-        from data.datasets import PairDataset
-        from data.lmdb_store import ImageStore
-        from data.pairs import check_ids_present, read_queries, training_pairs
         from data.tokenizer import load_tokenizer
+        from engine.train_data import open_training_data, open_validation_data
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.vocab)
-        self.store = ImageStore(cfg.train_img)
-        queries = read_queries(cfg.train_data)
-        check_ids_present(queries, self.store, cfg.train_data)
-        pairs = training_pairs(queries)
-        self.dataset = PairDataset(pairs, self.store, self.tokenizer, cfg.context_length)
-        if cfg.val_data:
-            vstore = ImageStore(cfg.val_img)
-            vqueries = read_queries(cfg.val_data)
-            check_ids_present(vqueries, vstore, cfg.val_data)
-            self.val = (vstore, vqueries)
-        log.info("train: %d pairs from %s, images %s (%d px)", len(pairs), cfg.train_data, cfg.train_img,
-                 self.store.resolution)
+        data = open_training_data(cfg, self.tokenizer)
+        self.dataset, self.store, self._images_flag = data.dataset, data.images, data.images_flag
+        self.val = open_validation_data(cfg)
 
     def _vocab_size(self) -> Optional[int]:
         """The tokenizer's size when the text config says otherwise (the tiny/demo configs and a
@@ -120,9 +109,9 @@ class Trainer:
         model = build_clip(cfg.model, cfg.text_model, grad_checkpointing=cfg.grad_checkpointing,
                            vocab_size=self._vocab_size())
         if model.image_resolution != self.store.resolution:
-            raise InputError(f"--train-img {cfg.train_img} holds {self.store.resolution} px images but "
-                             f"--model {cfg.model} expects {model.image_resolution} px; rebuild the LMDB "
-                             f"with launch/build_lmdb.py --resolution {model.image_resolution}")
+            raise InputError(f"{self._images_flag} holds {self.store.resolution} px images but "
+                             f"--model {cfg.model} expects {model.image_resolution} px; rebuild the images "
+                             f"with --resolution {model.image_resolution}")
         if self.val and self.val[0].resolution != model.image_resolution:
             raise InputError(f"--val-img {cfg.val_img} holds {self.val[0].resolution} px images, the model "
                              f"expects {model.image_resolution} px")
@@ -240,7 +229,8 @@ class Trainer:
         g.manual_seed(cfg.seed + epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_size=micro, sampler=sampler, drop_last=True,
                                            num_workers=cfg.num_workers, generator=g,
-                                           pin_memory=torch.cuda.is_available(),
+                                           pin_memory=torch.cuda.is_available() and
+                                           getattr(self.dataset, "image_decoder", None) is None,
                                            persistent_workers=False)
 
     def _prepare(self, batch):
