@@ -142,8 +142,9 @@ def _save_arrays(sdir: Path, arrays: Dict[str, np.ndarray]) -> None:
 
 
 def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
-                tokens_all: Optional[np.ndarray] = None) -> ShardResult:
-    """Build (or resume, or find already built) shard `index` of `num_shards`."""
+                tokens_all: Optional[np.ndarray] = None, assign: Optional[np.ndarray] = None) -> ShardResult:
+    """Build (or resume, or find already built) shard `index` of `num_shards`. `tokens_all` (token
+    rows of every text) and `assign` (shard of every pair) save work when one process builds many."""
     from tqdm import tqdm
 
     sdir = shard_dir(opts.output, index)
@@ -156,7 +157,7 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
         return ShardResult(index, old["images"], old["pairs"], old["texts"], old["skipped_pairs"],
                            already_built=True)
     res = ShardResult(index)
-    sel = np.nonzero(shard_of(plan.pair_image, num_shards) == index)[0]
+    sel = np.nonzero((shard_of(plan.pair_image, num_shards) if assign is None else assign) == index)[0]
     needed = np.unique(plan.pair_image[sel])
     store = _our_store(Path(opts.images))
     if store is not None and store.resolution != opts.resolution:
@@ -297,5 +298,6 @@ def build_dataset(opts: BuildOptions, shard_index: Optional[int] = None,
     # Several shards in this process: tokenize every distinct text once rather than once per shard.
     tokens_all = (tokenize_texts(plan.texts, opts.vocab, opts.context_length, opts.workers, opts.progress)
                   if len(todo) > 1 else None)
-    results = [build_shard(opts, plan, s, num_shards, tokens_all) for s in indices]
+    assign = shard_of(plan.pair_image, num_shards).astype(np.int32) if len(todo) > 1 else None
+    results = [build_shard(opts, plan, s, num_shards, tokens_all, assign) for s in indices]
     return results, (finalize(opts, num_shards) if shard_index is None else None)
