@@ -13,6 +13,10 @@ A damaged data.mdb (a truncated copy, a disk error) must not crash a reader: LMD
 a page past its end kills the process with SIGBUS. `check_lmdb_file` compares the file size with
 what LMDB's own meta pages record before the file is mapped, and lmdb errors are re-raised as
 InputError naming the store.
+
+A store of format JPEG_FORMAT (written by launch/build_dataset.py --format jpeg) holds the JPEG bytes
+of the same pre-transformed R×R image instead; get/get_many decode them (data.jpeg), so callers see
+the same uint8 arrays either way.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from data.images import IMAGE_MEAN, IMAGE_STD, LEGACY_RESIZE, check_resize
 
 MANIFEST_KEY = b"__manifest__"
 FORMAT = "uint8-chw-v1"
+JPEG_FORMAT = "jpeg-rgb-v1"
+FORMATS = (FORMAT, JPEG_FORMAT)
 RESERVED_PREFIX = b"__"
 
 PathLike = Union[str, os.PathLike]
@@ -109,8 +115,9 @@ class ImageStore:
             raise InputError(f"{self.path}: no manifest; this is not an image store built by "
                              f"launch/build_lmdb.py (a Chinese-CLIP LMDB must be imported first)")
         self.manifest: Dict = json.loads(bytes(raw).decode("utf-8"))
-        if self.manifest.get("format") != FORMAT:
-            raise InputError(f"{self.path}: unknown store format {self.manifest.get('format')!r}")
+        self.format = self.manifest.get("format")
+        if self.format not in FORMATS:
+            raise InputError(f"{self.path}: unknown store format {self.format!r}")
         if not self.manifest.get("complete"):
             raise InputError(f"{self.path}: the build of this store did not finish; rerun "
                              f"launch/build_lmdb.py with the same arguments to resume it")
@@ -168,6 +175,8 @@ class ImageStore:
 
     def get(self, image_id: int) -> np.ndarray:
         """uint8 [3, R, R] (a private copy, safe to keep)."""
+        if self.format == JPEG_FORMAT:
+            return self.get_many([image_id])[0]
         try:
             buf = self._begin().get(id_key(image_id))
         except lmdb.Error as e:
@@ -176,10 +185,25 @@ class ImageStore:
             raise KeyError(f"image id {image_id} is not in {self.path}")
         return np.frombuffer(buf, dtype=np.uint8, count=self._nbytes).reshape(self.shape).copy()
 
+    def get_encoded(self, image_ids: Sequence[int]) -> List[bytes]:
+        """The stored bytes of each image (JPEG bytes in a JPEG store), for a decoder elsewhere."""
+        txn = self._begin()
+        out = []
+        for image_id in image_ids:
+            buf = txn.get(id_key(image_id))
+            if buf is None:
+                raise KeyError(f"image id {image_id} is not in {self.path}")
+            out.append(bytes(buf))
+        return out
+
     def get_many(self, image_ids: Sequence[int], out: Optional[np.ndarray] = None) -> np.ndarray:
         """uint8 [B, 3, R, R], read straight into one array (no per-image allocation)."""
         if out is None:
             out = np.empty((len(image_ids),) + self.shape, dtype=np.uint8)
+        if self.format == JPEG_FORMAT:
+            from data.jpeg import decode_jpegs
+
+            return decode_jpegs(self.get_encoded(image_ids), self.shape, out=out)
         txn = self._begin()
         flat = out.reshape(len(image_ids), -1)
         for i, image_id in enumerate(image_ids):
@@ -233,7 +257,11 @@ class ImageStoreWriter:
 
     def __init__(self, path: PathLike, resolution: int, source: str = "",
                  mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD,
-                 map_size: int = 1 << 28, resize: str = "squash"):
+                 map_size: int = 1 << 28, resize: str = "squash", fmt: str = FORMAT,
+                 extra: Optional[Dict] = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown store format {fmt!r}")
+        self.format = fmt
         self.path = Path(path)
         self.resize = check_resize(resize)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -247,7 +275,7 @@ class ImageStoreWriter:
                              readahead=False, meminit=False, max_dbs=0)
         old = self._read_manifest()
         if old is not None:
-            if old.get("format") != FORMAT:
+            if old.get("format") != fmt:
                 raise InputError(f"{self.path}: holds a store of format {old.get('format')!r}")
             if int(old["resolution"]) != self.resolution:
                 raise InputError(f"{self.path}: already holds images at resolution {old['resolution']}, "
@@ -267,7 +295,8 @@ class ImageStoreWriter:
         elif self.env.stat()["entries"] > 0:
             raise InputError(f"{self.path}: an LMDB without our manifest; refusing to write into it")
         self.manifest = {
-            "format": FORMAT, "resolution": self.resolution, "shape": list(self.shape), "dtype": "uint8",
+            **(extra or {}),
+            "format": fmt, "resolution": self.resolution, "shape": list(self.shape), "dtype": "uint8",
             "layout": "CHW", "mean": list(mean), "std": list(std), "resize": self.resize, "source": source,
             "count": self._count(), "complete": False,
         }
@@ -312,10 +341,14 @@ class ImageStoreWriter:
         return out
 
     def put_many(self, items: Iterable[Tuple[int, Union[bytes, np.ndarray]]]) -> int:
-        """Write (image id, uint8 [3,R,R] array or its raw bytes) pairs in one transaction."""
+        """Write (image id, uint8 [3,R,R] array or its raw bytes) pairs in one transaction
+        (JPEG bytes in a JPEG store)."""
         batch = []
         for image_id, value in items:
-            if isinstance(value, np.ndarray):
+            if self.format == JPEG_FORMAT:
+                if not isinstance(value, (bytes, bytearray)) or not value:
+                    raise ValueError(f"image {image_id}: a JPEG store takes encoded bytes")
+            elif isinstance(value, np.ndarray):
                 if value.dtype != np.uint8 or tuple(value.shape) != self.shape:
                     raise ValueError(f"image {image_id}: expected uint8 {self.shape}, got "
                                      f"{value.dtype} {tuple(value.shape)}")

@@ -27,6 +27,22 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def parse_query(obj: dict, where: str) -> Tuple[int, str, List[int]]:
+    """(query id, text, item ids) of one jsonl object; InputError naming `where` if malformed."""
+    qid = obj.get("query_id")
+    if not _is_int(qid):
+        raise InputError(f"{where}: 'query_id' must be an integer, got {qid!r}")
+    text = obj.get("query_text")
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: 'query_text' must be a non-empty string, got {text!r}")
+    items = obj.get("item_ids", [])
+    if items is None:
+        items = []
+    if not isinstance(items, list) or not all(_is_int(i) for i in items):
+        raise InputError(f"{where}: 'item_ids' must be a list of integers, got {items!r}")
+    return qid, text, items
+
+
 def read_queries(path: PathLike) -> List[Query]:
     """Every query of a MUGE `*_queries.jsonl`; InputError with file:line on a malformed line."""
     path = Path(path)
@@ -34,17 +50,7 @@ def read_queries(path: PathLike) -> List[Query]:
     first_line = {}
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        qid = obj.get("query_id")
-        if not _is_int(qid):
-            raise InputError(f"{where}: 'query_id' must be an integer, got {qid!r}")
-        text = obj.get("query_text")
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{where}: 'query_text' must be a non-empty string, got {text!r}")
-        items = obj.get("item_ids", [])
-        if items is None:
-            items = []
-        if not isinstance(items, list) or not all(_is_int(i) for i in items):
-            raise InputError(f"{where}: 'item_ids' must be a list of integers, got {items!r}")
+        qid, text, items = parse_query(obj, where)
         if qid in first_line:
             raise InputError(f"{where}: query_id {qid} repeats line {first_line[qid]}")
         first_line[qid] = lineno

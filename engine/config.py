@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the Chinese CLIP dual encoder with DeepSpeed "
                     "(deepspeed launch/train.py --deepspeed_config ds_configs/X.json ...)")
     d = p.add_argument_group("data")
-    d.add_argument("--train-data", required=True, help="training queries, MUGE jsonl")
-    d.add_argument("--train-img", required=True, help="training image LMDB directory (launch/build_lmdb.py)")
+    d.add_argument("--train-data", required=True,
+                   help="training queries (MUGE jsonl, with --train-img) or a launch/build_dataset.py folder")
+    d.add_argument("--train-img", default=None, help="training image LMDB directory (launch/build_lmdb.py)")
     d.add_argument("--val-data", default=None, help="validation queries jsonl (with --val-img)")
     d.add_argument("--val-img", default=None, help="validation image LMDB directory")
     d.add_argument("--vocab", default=None,
@@ -126,7 +127,7 @@ class DSSettings:
 @dataclass(frozen=True)
 class TrainConfig:
     train_data: str
-    train_img: str
+    train_img: Optional[str]  # None for a built data set (--train-data DIR)
     val_data: Optional[str]
     val_img: Optional[str]
     vocab: str
@@ -321,7 +322,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         args.deepspeed_config = args.deepscale_config
     ds = load_ds_settings(args.deepspeed_config, ws, gpu)
 
-    _need_file(args.train_data, "--train-data")
+    if not Path(args.train_data).is_dir():  # a folder is a built data set (engine.train_data)
+        _need_file(args.train_data, "--train-data")
     _need_exists(args.train_img, "--train-img")
     if (args.val_data is None) != (args.val_img is None):
         raise InputError("give both --val-data and --val-img (or neither)")
@@ -336,6 +338,9 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         raise InputError("--init-from loads the whole model; drop --clip-weight-path/--bert-weight-path "
                          "(or drop --init-from)")
     vocab = _resolve_vocab(args)
+    from engine.train_data import check_data_flags
+
+    check_data_flags(args.train_data, args.train_img, args.val_data, vocab, args.context_length)
 
     checks = [
         (args.context_length >= 3, "--context-length must be >= 3 ([CLS], a token, [SEP])"),

@@ -67,31 +67,16 @@ class Trainer:
     # --- building ---------------------------------------------------------------------------------
 
     def _build_data(self):
-        from data.datasets import PairDataset
-        from data.lmdb_store import ImageStore
-        from data.pairs import check_ids_present, read_queries, training_pairs
         from data.tokenizer import load_tokenizer
+        from engine.train_data import open_training_data, open_validation_data
         from models import load_vision_config
 
         cfg = self.cfg
-        self.store = ImageStore(cfg.train_img)
-        vstore = ImageStore(cfg.val_img) if cfg.val_data else None
         want = load_vision_config(cfg.model).image_resolution  # read from the config: nothing built yet
-        for flag, path, store in (("--train-img", cfg.train_img, self.store), ("--val-img", cfg.val_img, vstore)):
-            if store is not None and store.resolution != want:
-                raise InputError(f"{flag} {path} holds {store.resolution} px images but --model {cfg.model} "
-                                 f"expects {want} px; rebuild the LMDB with launch/build_lmdb.py --resolution {want}")
         self.tokenizer = load_tokenizer(cfg.vocab)
-        queries = read_queries(cfg.train_data)
-        check_ids_present(queries, self.store, cfg.train_data)
-        pairs = training_pairs(queries)
-        self.dataset = PairDataset(pairs, self.store, self.tokenizer, cfg.context_length)
-        if cfg.val_data:
-            vqueries = read_queries(cfg.val_data)
-            check_ids_present(vqueries, vstore, cfg.val_data)
-            self.val = (vstore, vqueries)
-        log.info("train: %d pairs from %s, images %s (%d px)", len(pairs), cfg.train_data, cfg.train_img,
-                 self.store.resolution)
+        data = open_training_data(cfg, self.tokenizer, want)
+        self.dataset, self.store = data.dataset, data.images
+        self.val = open_validation_data(cfg, want)
 
     def _vocab_size(self) -> Optional[int]:
         """The tokenizer's size when the text config says otherwise (the tiny/demo configs and a

@@ -1,0 +1,233 @@
+"""The parts of a built data set's build that every shard shares: its settings, the queries file read
+into pair arrays, and parallel tokenizing. The shards themselves: data/build_dataset.py.
+
+A built data set (read by data.built) is made from MUGE queries and images.
+
+Layout of the output folder:
+  shards/00000/images/          an ImageStore (LMDB) of the shard's images, uint8 or JPEG
+  shards/00000/image_ids.npy    int64 [I]: the shard's image ids, sorted (row -> LMDB key)
+  shards/00000/pair_image.npy   int32 [P]: image row of each pair (pairs in queries-file order)
+  shards/00000/pair_text.npy    int32 [P]: token row of each pair
+  shards/00000/tokens.npy       uint16 (int32 for a vocab over 65535) [T, L]: the shard's distinct texts
+  shards/00000/shard.json       written last: counts and the build settings (the shard's "done")
+  manifest.json                 written by the final step once every shard checks out (complete: true)
+An image goes to shard hash(image id) % num_shards, and a pair to its image's shard, so every shard
+holds its images and every pair that uses them: a node can train from the shards on its own disk.
+
+Every shard builds on its own (`build_shard`: one process, node or cluster job each), from the same
+queries file and image source; `finalize` checks them all and writes the manifest. Images are
+committed to the LMDB in chunks (ImageStoreWriter), so a killed shard build resumes where it stopped;
+the arrays are written whole (atomically) after the images, and shard.json after them.
+"""
+from __future__ import annotations
+
+import array
+import hashlib
+import math
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from data.files import InputError, read_jsonl
+from data.lmdb_store import MANIFEST_KEY, ImageStore
+from data.pairs import parse_query
+
+DATASET_FORMAT = "clip-built-pairs-v1"
+MANIFEST = "manifest.json"
+SHARD_DONE = "shard.json"
+ARRAYS = ("image_ids", "pair_image", "pair_text", "tokens")
+DEFAULT_SHARD_SIZE = 200_000  # images per shard: 30 GB of uint8 at 224 px
+
+
+@dataclass
+class BuildOptions:
+    queries: Path
+    images: Path
+    output: Path
+    vocab: Path
+    context_length: int
+    resolution: int
+    shard_size: int = DEFAULT_SHARD_SIZE
+    num_shards: Optional[int] = None
+    workers: int = 1
+    on_error: str = "fail"
+    image_format: str = "uint8"
+    jpeg_quality: int = 95
+    progress: bool = True
+
+
+@dataclass
+class ShardResult:
+    index: int
+    images: int = 0
+    pairs: int = 0
+    texts: int = 0
+    skipped_pairs: int = 0
+    missing_images: List[int] = field(default_factory=list)
+    bad_images: List[Tuple[int, str, str]] = field(default_factory=list)
+    already_built: bool = False
+
+
+# ---- settings every shard must share ---------------------------------------------------------
+
+def vocab_file(vocab) -> Path:
+    vocab = Path(vocab)
+    return vocab / "vocab.txt" if vocab.is_dir() else vocab
+
+
+def vocab_fingerprint(vocab) -> Dict:
+    """sha256 and line count of the vocab file: the tokenizer identity a run is checked against."""
+    path = vocab_file(vocab)
+    if not path.is_file():
+        raise InputError(f"{vocab}: no vocab.txt found")
+    data = path.read_bytes()
+    return {"vocab_sha256": hashlib.sha256(data).hexdigest(), "vocab_size": len(data.decode("utf-8").splitlines()),
+            "vocab_file": str(path)}
+
+
+def shard_of(image_ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard of each image id: a 64-bit mix of the id (ids are often sequential) modulo num_shards."""
+    x = np.asarray(image_ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+    return (x % np.uint64(num_shards)).astype(np.int64)
+
+
+def _our_store(path: Path) -> Optional[ImageStore]:
+    """The image source as one of our stores (launch/build_lmdb.py), or None for other sources.
+    The caller closes it."""
+    if not (path.is_dir() and (path / "data.mdb").is_file()):
+        return None
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            ours = txn.get(MANIFEST_KEY) is not None
+    finally:
+        env.close()
+    return ImageStore(path) if ours else None
+
+
+def source_resize(opts: BuildOptions) -> str:
+    store = _our_store(Path(opts.images))
+    if store is None:
+        return "center-crop"
+    store.close()  # py-lmdb allows one open environment per path and process
+    return store.manifest.get("resize") or "center-crop"
+
+
+def settings(opts: BuildOptions, num_shards: int) -> Dict:
+    """What makes two shards parts of one data set; recorded in every shard.json and the manifest."""
+    q = Path(opts.queries)
+    return {"num_shards": num_shards, "resolution": opts.resolution, "context_length": opts.context_length,
+            "image_format": opts.image_format,
+            "jpeg_quality": opts.jpeg_quality if opts.image_format == "jpeg" else None,
+            "resize": source_resize(opts), "on_error": opts.on_error,
+            "vocab_sha256": vocab_fingerprint(opts.vocab)["vocab_sha256"],
+            "queries": {"name": q.name, "bytes": q.stat().st_size}, "images": Path(opts.images).name}
+
+
+# ---- the queries file -> pair arrays ---------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Every pair of the queries file as arrays (no object per pair), in file order."""
+    query_ids: np.ndarray    # int64 [Q]
+    query_lines: np.ndarray  # int64 [Q]
+    query_text: np.ndarray   # int64 [Q]: index into texts
+    texts: List[str]         # distinct texts
+    pair_query: np.ndarray   # int64 [N]: query row of each pair
+    pair_image: np.ndarray   # int64 [N]: image id of each pair
+
+
+def read_plan(queries: Path, progress: bool = True) -> Plan:
+    from tqdm import tqdm
+
+    qids, lines, qtext, pq, pimg = (array.array("q") for _ in range(5))
+    text_index: Dict[str, int] = {}
+    bar = tqdm(desc=f"read {queries.name}", unit=" queries", disable=not progress, file=sys.stderr,
+               mininterval=2.0, dynamic_ncols=True)
+    for lineno, obj in read_jsonl(queries):
+        qid, text, items = parse_query(obj, f"{queries}:{lineno}")
+        if not items:
+            raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids; training needs at least "
+                             f"one image per query")
+        row = len(qids)
+        qids.append(qid)
+        lines.append(lineno)
+        qtext.append(text_index.setdefault(text, len(text_index)))
+        pq.extend([row] * len(items))
+        pimg.extend(items)
+        bar.update(1)
+    bar.close()
+    if not qids:
+        raise InputError(f"{queries}: no queries in the file")
+    plan = Plan(*(np.frombuffer(a, dtype=np.int64) for a in (qids, lines, qtext)), list(text_index),
+                np.frombuffer(pq, dtype=np.int64), np.frombuffer(pimg, dtype=np.int64))
+    _check_unique_queries(plan, queries)
+    return plan
+
+
+def _check_unique_queries(plan: Plan, queries: Path) -> None:
+    order = np.argsort(plan.query_ids, kind="stable")
+    same = np.nonzero(plan.query_ids[order][1:] == plan.query_ids[order][:-1])[0]
+    if same.size:
+        first, again = order[same[0]], order[same[0] + 1]
+        raise InputError(f"{queries}:{plan.query_lines[again]}: query_id {plan.query_ids[again]} repeats "
+                         f"line {plan.query_lines[first]}")
+
+
+def num_shards_for(plan: Plan, shard_size: int) -> int:
+    return max(1, math.ceil(np.unique(plan.pair_image).size / shard_size))
+
+
+# ---- tokenizing ------------------------------------------------------------------------------
+
+_TOKENIZER = None
+
+
+def _tokenizer_init(vocab: str) -> None:
+    global _TOKENIZER
+    from data.tokenizer import load_tokenizer
+
+    _TOKENIZER = load_tokenizer(vocab)
+
+
+def _tokenize_chunk(args) -> np.ndarray:
+    from data.tokenizer import tokenize
+
+    texts, context_length = args
+    return tokenize(_TOKENIZER, texts, context_length).numpy().astype(np.int32)
+
+
+def tokenize_texts(texts: List[str], vocab, context_length: int, workers: int, progress: bool,
+                   chunk: int = 2048) -> np.ndarray:
+    """int32 [len(texts), L] token ids, tokenized in `workers` processes (in order)."""
+    from tqdm import tqdm
+
+    parts = [(texts[i:i + chunk], context_length) for i in range(0, len(texts), chunk)]
+    bar = tqdm(total=len(texts), desc="tokenize", unit=" texts", disable=not progress, file=sys.stderr,
+               mininterval=2.0, dynamic_ncols=True)
+    out = []
+    if workers > 1 and len(parts) > 1:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers, initializer=_tokenizer_init, initargs=(str(vocab),)) as pool:
+            for arr in pool.imap(_tokenize_chunk, parts):
+                out.append(arr)
+                bar.update(len(arr))
+    else:
+        _tokenizer_init(str(vocab))
+        for p in parts:
+            out.append(_tokenize_chunk(p))
+            bar.update(len(out[-1]))
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, context_length), dtype=np.int32)
