@@ -194,8 +194,9 @@ def assign_combos(seed: int, split: str, n: int, heldout: Sequence[int] = ()) ->
     m = min(N_COMBOS, max(1, n // MIN_IMAGES_PER_QUERY))
     if heldout:
         held = rng.permutation(np.asarray(heldout)).tolist()
-        near = sorted({x for h in held for x in neighbours(h)} - set(held))
-        near = rng.permutation(near).tolist()
+        # near misses dealt round robin over the held-out cells, so each gets its share
+        lists = [rng.permutation(neighbours(h)).tolist() for h in held]
+        near = list(dict.fromkeys(x for rnd in zip(*lists) for x in rnd if x not in set(held)))
         rest = rng.permutation(sorted(set(range(N_COMBOS)) - set(held) - set(near))).tolist()
         used = np.asarray(held + near + rest)[:m]
     else:

@@ -11,7 +11,7 @@ from data.pairs import read_queries
 from data.synthetic import COLOURS, HELDOUT_TEMPLATES, POSITIONS, SHAPES, TEMPLATES, make_synthetic
 from tests.unit.test_data_synthetic import _parse_caption, _read_tsv
 
-SIZES = {"train": 700, "valid": 400, "test": 60}
+SIZES = {"train": 700, "valid": 600, "test": 60}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_valid_asks_heldout_cells_beside_near_misses(held):
     for q in cats["heldout_cells"]:
         c, s, p = _parse_caption(q.text)
         near = [x for x in present if sum(a != b for a, b in zip(x, (c, s, p))) == 1]
-        assert len(near) >= 10, q.text  # distractors one attribute away are in the pool
+        assert len(near) >= 3, q.text  # distractors one attribute away are in the pool
     for q in cats["heldout_phrasings"]:
         assert _template_of(q.text)[0] == "held"
     for q in cats["seen"] + cats["heldout_cells"]:
