@@ -227,10 +227,10 @@ def make_queries(seed: int, split: str, combos: np.ndarray, heldout: Sequence[in
     if heldout_phrasings:  # the seen cells once more, each in a phrasing training never uses
         seen = [c for c in present if c not in held]
         extra = rng.integers(0, len(HELDOUT_TEMPLATES), size=len(seen))
-        for c, t in zip(seen, extra):
-            text = HELDOUT_TEMPLATES[int(t)].format(p=POSITIONS[combo_parts(c)[2]],
-                                                    c=COLOURS[combo_parts(c)[0]][0], s=SHAPES[combo_parts(c)[1]])
-            out.append({"query_id": base_q + len(out), "query_text": text, "item_ids": by_combo[c],
+        for combo, t in zip(seen, extra):
+            c, s, p = combo_parts(combo)
+            text = HELDOUT_TEMPLATES[int(t)].format(p=POSITIONS[p], c=COLOURS[c][0], s=SHAPES[s])
+            out.append({"query_id": base_q + len(out), "query_text": text, "item_ids": by_combo[combo],
                         "category": "heldout_phrasings"})
     return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from data.files import InputError, atomic_write, read_jsonl
 from engine.bidir_metrics import combine, direction_scores, invert_references

@@ -1,7 +1,8 @@
 """CPU latency of the exported encoders: onnxruntime vs PyTorch, side by side in one run.
 
   python tests/benchmarks/bench_onnx.py                                  # ViT-B-16 + RoBERTa base
-  python tests/benchmarks/bench_onnx.py --model ViT-demo-64 --text-model BERT-demo --batches 1 32
+  python tests/benchmarks/bench_onnx.py --model ViT-demo-64 --text-model BERT-demo \
+      --context-length 16 --batches 1 32
 
 Random weights (latency does not depend on their values), exported with launch/export_onnx.py's
 code to a temporary folder. Each cell is the median of --repeats calls after one warm-up call (--repeats 3 is enough for ViT-B-16); the

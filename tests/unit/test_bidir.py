@@ -107,7 +107,8 @@ def test_i2t_prediction_errors_name_the_line(tmp_path, capsys):
         ([{"image_id": 10, "text_ids": [1, 2, 3]}], "pred.jsonl:1: image 10 has 3 predicted text ids, exactly 2"),
         ([{"image_id": 10, "text_ids": [1, 1]}], "pred.jsonl:1: image 10 has duplicate"),
         ([{"image_id": "10", "text_ids": [1, 2]}], "pred.jsonl:1: 'image_id' must be an integer"),
-        ([{"image_id": 10, "text_ids": [1, 2]}, {"image_id": 10, "text_ids": [1, 2]}], "pred.jsonl:2: image 10 is predicted twice"),
+        ([{"image_id": 10, "text_ids": [1, 2]}, {"image_id": 10, "text_ids": [1, 2]}],
+         "pred.jsonl:2: image 10 is predicted twice"),
         ([{"image_id": 10, "item_ids": [1, 2]}], "pred.jsonl:1: no predicted text ids"),
     ]
     pred, out = tmp_path / "pred.jsonl", tmp_path / "out.json"
