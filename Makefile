@@ -19,7 +19,12 @@ $(VENV)/.installed: requirements.txt
 	$(RUN) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 	touch $@
 
-test: venv
+# Optional packages (ONNX export) only for the tests: the demo and training never need them.
+$(VENV)/.optional: $(VENV)/.installed tests/requirements-optional.txt
+	$(PY) -m pip install --quiet -r tests/requirements-optional.txt
+	touch $@
+
+test: venv $(VENV)/.optional
 	$(RUN) $(PY) -m pytest -q tests
 
 test-fast: venv

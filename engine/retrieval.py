@@ -348,10 +348,12 @@ def rows_to_ids(image_ids: np.ndarray, rows: torch.Tensor) -> np.ndarray:
     return np.asarray(image_ids)[rows.numpy()]
 
 
-def write_predictions(path, query_ids: np.ndarray, item_ids: np.ndarray) -> None:
-    """MUGE prediction jsonl, {"query_id": q, "item_ids": [k ints]} per line, atomically."""
+def write_predictions(path, query_ids: np.ndarray, item_ids: np.ndarray, query_key: str = "query_id",
+                      item_key: str = "item_ids") -> None:
+    """MUGE prediction jsonl, {"query_id": q, "item_ids": [k ints]} per line, atomically (other
+    keys for image->text: {"image_id": i, "text_ids": [k ints]})."""
     import json
 
     with atomic_write(path, "w") as f:
         for q, items in zip(np.asarray(query_ids).tolist(), np.asarray(item_ids).tolist()):
-            f.write(json.dumps({"query_id": q, "item_ids": items}) + "\n")
+            f.write(json.dumps({query_key: q, item_key: items}) + "\n")

@@ -354,10 +354,10 @@ class Trainer:
                            "train/tflops": tflops, "train/mfu": mfu})
 
     def validate(self, step: int) -> Optional[Dict[str, float]]:
-        """Full-pool text-to-image recall on the validation split (every rank takes part)."""
+        """Full-pool recall both ways on the validation split (every rank takes part)."""
         if self.val is None:
             return None
-        from engine.evaluation import evaluate_retrieval
+        from engine.evaluation import describe, evaluate_both_directions
 
         cfg, engine = self.cfg, self.engine
         store, queries = self.val
@@ -366,12 +366,11 @@ class Trainer:
         module.eval()
         try:
             with torch.no_grad(), self._full_root_params():
-                metrics = evaluate_retrieval(module, store, queries, self.tokenizer, cfg.context_length,
-                                             cfg.ds.micro_batch * 2, self.device, k=10)
+                metrics = evaluate_both_directions(module, store, queries, self.tokenizer, cfg.context_length,
+                                                   cfg.ds.micro_batch * 2, self.device, k=10)
         finally:
             module.train()
-        log.info("step %d validation: mean recall %.2f (R@1 %.2f R@5 %.2f R@10 %.2f) in %.1fs", step,
-                 metrics["mean_recall"], metrics["r1"], metrics["r5"], metrics["r10"], time.perf_counter() - t0)
+        log.info("step %d validation: %s in %.1fs", step, describe(metrics), time.perf_counter() - t0)
         self.tb.add(step, {f"val/{k}": v for k, v in metrics.items()})
         self.tb.flush()
         return metrics

@@ -1,12 +1,17 @@
-"""Exact text-to-image top-k over feature files, written as MUGE predictions.
+"""Exact top-k over feature files: images per text (MUGE predictions) or texts per image.
 
   python launch/retrieve.py --image-feats OUT/image_feats --text-feats OUT/text_feats \
-      --top-k 10 --output pred.jsonl
+      --top-k 10 --output pred.jsonl [--direction t2i|i2t]
   torchrun --nproc_per_node 2 launch/retrieve.py ...   (or deepspeed --num_gpus 2 ...)
+
+--direction t2i (default) writes {"query_id": q, "item_ids": [k image ids]} per query;
+--direction i2t writes {"image_id": i, "text_ids": [k query ids]} per image (Chinese-CLIP's
+image->text format), from the same engine with the texts as the database.
 
 Features: an .npz (ids, feats), a folder of .npz shards, or MUGE jsonl. Image features are
 streamed in blocks (--max-memory-mb bounds the working set); with several ranks each takes a
-share of the image blocks and rank 0 writes the merged result. Ties go to the lower image row.
+share of the database blocks and rank 0 writes the merged result. Ties go to the lower database
+row (image row for t2i, text row for i2t).
 """
 import argparse
 import os
@@ -18,6 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.files import InputError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+# direction -> (what the queries are, what the database is, the output's key names)
+DIRECTIONS = {"t2i": ("queries", "images", "query_id", "item_ids"),
+              "i2t": ("images", "texts", "image_id", "text_ids")}
 
 
 def _warn(warning) -> None:
@@ -32,12 +40,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-feats", required=True, help="image features: .npz, folder of .npz, or .jsonl")
     p.add_argument("--text-feats", required=True, help="query features: .npz, folder of .npz, or .jsonl")
+    p.add_argument("--direction", choices=sorted(DIRECTIONS), default="t2i",
+                   help="t2i: top-k images per text (MUGE); i2t: top-k texts per image")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--output", required=True, help="prediction jsonl to write")
     p.add_argument("--max-memory-mb", type=float, default=2048,
                    help="bound on queries + results + working buffers (process RSS adds ~0.5 GB)")
     p.add_argument("--query-chunk", type=int, default=None, help="queries per matmul (default: from the budget)")
-    p.add_argument("--image-block", type=int, default=None, help="image rows per block (default: from the budget)")
+    p.add_argument("--image-block", type=int, default=None,
+                   help="database rows (images; texts with --direction i2t) per block (default: from the budget)")
     p.add_argument("--device", default="auto", help="auto (this rank's GPU if any), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -53,19 +64,21 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         device = dist.device() if a.device == "auto" else torch.device(a.device)
+        q_what, db_what, q_key, db_key = DIRECTIONS[a.direction]
         images = open_features(a.image_feats)
         _warn(check_kind(images.meta, "image", f"--image-feats {a.image_feats}"))
         texts = open_features(a.text_feats)
         _warn(check_kind(texts.meta, "text", f"--text-feats {a.text_feats}"))
         check_same_model(images.meta, texts.meta, f"--image-feats {a.image_feats}", f"--text-feats {a.text_feats}")
-        q_ids, q_feats = read_all(texts)
-        plan = plan_blocks(len(q_ids), len(images), images.dim, a.top_k, a.max_memory_mb,
+        queries, database = (texts, images) if a.direction == "t2i" else (images, texts)
+        q_ids, q_feats = read_all(queries)
+        plan = plan_blocks(len(q_ids), len(database), database.dim, a.top_k, a.max_memory_mb,
                            a.query_chunk, a.image_block)
-        _, rows = distributed_search(q_feats, images, a.top_k, plan, device=device,
+        _, rows = distributed_search(q_feats, database, a.top_k, plan, device=device,
                                      progress=not a.no_progress)
         if dist.is_main():
-            write_predictions(a.output, q_ids, rows_to_ids(images.ids, rows))
-            print(f"top-{a.top_k} of {len(images)} images for {len(q_ids)} queries on "
+            write_predictions(a.output, q_ids, rows_to_ids(database.ids, rows), q_key, db_key)
+            print(f"top-{a.top_k} of {len(database)} {db_what} for {len(q_ids)} {q_what} on "
                   f"{dist.world_size()} rank(s), {device.type}, in {time.perf_counter() - t0:.1f}s "
                   f"(blocks {plan.query_chunk} x {plan.image_block}) -> {a.output}")
         dist.barrier()

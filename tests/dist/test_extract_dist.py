@@ -112,3 +112,34 @@ def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, r
     for r in ranks:
         assert r["training"] is True
         assert r["scores"] == one  # identical on every rank, and equal to one process
+
+
+def test_validation_both_directions_equals_the_cli_chain(split, tmp_path):
+    """The trainer's both-direction validation scores what retrieve.py (t2i and i2t) + evaluate.py
+    --mode both compute from extracted files; its t2i numbers are evaluate_retrieval's."""
+    from data.lmdb_store import ImageStore
+    from data.pairs import read_queries
+    from data.tokenizer import load_tokenizer
+    from engine.evaluation import evaluate_both_directions, evaluate_retrieval
+
+    out = tmp_path / "feats"
+    assert extract_main(extract_args(split, out)) == 0
+    for d in ("t2i", "i2t"):
+        assert retrieve_main(["--image-feats", str(out / "image_feats"), "--text-feats", str(out / "text_feats"),
+                              "--direction", d, "--output", str(tmp_path / f"{d}.jsonl"), "--no-progress"]) == 0
+    assert evaluate_main(["--mode", "both", "--pred", str(tmp_path / "t2i.jsonl"), "--pred-i2t",
+                          str(tmp_path / "i2t.jsonl"), "--ref", str(split / "queries.jsonl"),
+                          "--out", str(tmp_path / "s.json")]) == 0
+    cli = json.loads((tmp_path / "s.json").read_text())["scoreJson"]
+
+    model = load_tiny_model(split)
+    args = (model, ImageStore(split / "lmdb"), read_queries(split / "queries.jsonl"),
+            load_tokenizer(split / "vocab.txt"), 16, 4, torch.device("cpu"))
+    both = evaluate_both_directions(*args)
+    t2i_only = evaluate_retrieval(*args)
+    for key in ("r1", "r5", "r10", "mean_recall"):
+        assert both[key] == both[f"t2i_{key}"] == t2i_only[key]
+        assert both[f"t2i_{key}"] == pytest.approx(cli["t2i"][key], abs=1e-9)
+        assert both[f"i2t_{key}"] == pytest.approx(cli["i2t"][key], abs=1e-9)
+    assert both["mean_recall_both"] == pytest.approx(cli["mean_recall"], abs=1e-9)
+    assert 0 < both["i2t_r10"] and both["i2t_r1"] < 100

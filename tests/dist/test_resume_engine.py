@@ -77,6 +77,10 @@ def test_killed_during_save_then_resumed_is_bit_identical(tmp_path):
         assert 0 < loss < 2 * math.log(16)
     assert all(v > 0 for _, v in scalars["train/samples_per_s"])
     assert [s for s, _ in scalars["val/mean_recall"]] == [4, 8]  # --val-every-steps 4
+    for tag in ("val/t2i_mean_recall", "val/i2t_r1", "val/i2t_mean_recall", "val/mean_recall_both"):
+        assert [s for s, _ in scalars[tag]] == [4, 8], tag  # both directions, same steps
+    assert scalars["val/t2i_mean_recall"] == scalars["val/mean_recall"]
+    assert "image->text mean recall" in log_text
     for _, v in scalars["val/mean_recall"]:
         assert 0 <= v <= 100
     assert "loss_scale" not in " ".join(scalars)  # fp32: no fp16 loss scale to report

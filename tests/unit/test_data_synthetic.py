@@ -44,8 +44,10 @@ def _parse_caption(text):
 
 def test_files_and_formats(synth):
     names = sorted(p.name for p in synth.iterdir())
-    assert names == sorted([f"{s}_{k}" for s in SIZES for k in ("imgs.tsv", "queries.jsonl")]
-                           + ["vocab.txt", "meta.json"])
+    assert names == sorted([f"{s}_{k}" for s in SIZES for k in ("imgs.tsv", "queries.jsonl", "labels_colour.jsonl",
+                                                                 "labels_shape.jsonl")]
+                           + ["vocab.txt", "meta.json", "classes_colour.txt", "classes_shape.txt",
+                              "zeroshot_templates.txt"])
     all_ids = set()
     for split, n in SIZES.items():
         imgs = _read_tsv(synth / f"{split}_imgs.tsv")

@@ -1,0 +1,71 @@
+"""Export the image and text encoders of a trained CLIP to ONNX (dynamic batch), and check them.
+
+  python launch/export_onnx.py --model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese \
+      --weights RUN/model_fp32.pt --vocab VOCAB --context-length 52 --output OUT
+
+Writes OUT/image_encoder.onnx, OUT/text_encoder.onnx and OUT/onnx_export.json (inputs, outputs,
+context length, resolution). Then runs both in onnxruntime on the CPU at batch sizes 1 and 5 and
+compares the features with PyTorch's: exit 1 if any differs by more than --tolerance (1e-4).
+Needs the optional packages onnx and onnxruntime (pip install -r tests/requirements-optional.txt).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.files import InputError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
+    p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
+    p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
+    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (sizes a custom vocabulary)")
+    p.add_argument("--context-length", type=int, default=52, help="token ids per text (fixed in the export)")
+    p.add_argument("--output", required=True, help="folder for the .onnx files")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed feature difference")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    a = p.parse_args(argv)
+    a.precision = "fp32"  # launch.extract.build_model reads it
+
+    import torch
+
+    from engine import onnx_export
+    from launch.extract import build_model
+
+    try:
+        onnx_export.require("onnx", *(() if a.no_check else ("onnxruntime",)))
+        t0 = time.perf_counter()
+        tokenizer = None
+        if a.vocab:
+            from data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(a.vocab)
+        model = build_model(a, tokenizer, torch.device("cpu"))
+        written = onnx_export.export(model, a.output, a.context_length,
+                                     {"model": a.model, "text_model": a.text_model, "weights": str(a.weights),
+                                      "vocab_size": model.text_config.vocab_size})
+        print(f"exported in {time.perf_counter() - t0:.1f}s: " + ", ".join(str(w) for w in written))
+        if a.no_check:
+            return 0
+        diffs = onnx_export.max_differences(model, a.output, a.context_length)
+        worst = max(diffs.values())
+        print("onnxruntime vs PyTorch, largest feature difference: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        if worst > a.tolerance:
+            print(f"export_onnx.py: error: the ONNX features differ from PyTorch's by {worst:.2e} "
+                  f"> --tolerance {a.tolerance:g}", file=sys.stderr)
+            return 1
+    except InputError as e:
+        print(f"export_onnx.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
