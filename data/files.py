@@ -89,12 +89,16 @@ def read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
         raise InputError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            if line.strip():
+                yield lineno, json_object_line(line, f"{path}:{lineno}")
+
+
+def json_object_line(line: str, where: str, error: type = InputError) -> Dict[str, Any]:
+    """One jsonl line that must hold a JSON object; `error` names `where` (file:line) otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj

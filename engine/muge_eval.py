@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.files import InputError, atomic_write
+from data.files import InputError, atomic_write, json_object_line
 from engine.metrics import muge_scores
 
 QUERY_KEYS = ("query_id", "text_id")
@@ -80,13 +80,7 @@ def _read_rows(path: Path) -> Rows:
         if not line.strip():
             raise SchemaError(f"{path}:{lineno}: blank line (the MUGE server rejects a file with a blank line, "
                               f"even one extra newline at the end)")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise SchemaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((lineno, obj))
+        rows.append((lineno, json_object_line(line, f"{path}:{lineno}", SchemaError)))
     return rows
 
 
