@@ -17,12 +17,12 @@ def test_two_ranks_train_from_a_built_data_set_as_from_jsonl_and_lmdb(tmp_path):
     ds = write_ds(tmp_path / "ds.json", stage=0, micro=4, gas=2)
     flags = ["--epochs", "2", "--max-steps", "7", "--export"]
     logs = tmp_path / "runs"
-    assert_all_ok(run_ranks(train_argv(data, ds, logs, "lmdb", flags), timeout=240))
+    assert_all_ok(run_ranks(train_argv(data, ds, logs, "lmdb", flags), timeout=600))
     argv = train_argv(data, ds, logs, "built", flags)
     at = argv.index("--train-img")
     argv = argv[:at] + argv[at + 2:]
     argv[argv.index("--train-data") + 1] = str(built)
-    results = run_ranks(argv, timeout=240)
+    results = run_ranks(argv, timeout=600)
     assert_all_ok(results)
     assert "built data set" in results[0].output and "done at step 7" in results[0].output
     a = torch.load(logs / "lmdb" / "model_fp32.pt", weights_only=True)

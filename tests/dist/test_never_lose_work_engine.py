@@ -46,7 +46,7 @@ def test_rerun_refused_points_survive_a_kill_and_only_own_checkpoints_are_pruned
 
     # the same command again, without --resume: refused on every rank, nothing touched
     before = _snapshot(run)
-    again = run_ranks(train_argv(data, ds, logs, "r", FLAGS), timeout=180)
+    again = run_ranks(train_argv(data, ds, logs, "r", FLAGS), timeout=600)
     for r in again:
         assert r.returncode == 2, r.output[-2000:]
         assert (f"train.py: error: {run} already holds a run (checkpoints (latest step_00000004), config.json, "
@@ -56,7 +56,7 @@ def test_rerun_refused_points_survive_a_kill_and_only_own_checkpoints_are_pruned
 
     # resumed with tags it did not write in its checkpoints dir: keep-last 1 prunes only its own
     _foreign_tags(ckpt)
-    assert_all_ok(run_ranks(train_argv(data, ds, logs, "r", FLAGS + ["--resume", "latest"]), timeout=240))
+    assert_all_ok(run_ranks(train_argv(data, ds, logs, "r", FLAGS + ["--resume", "latest"]), timeout=600))
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [
         "step_00000001", "step_00000005", "step_00000006", "step_00000009"]  # step_00000004 was its own
     assert (ckpt / "step_00000005" / "mp_rank_00_model_states.pt").read_bytes() == b"someone's work"
@@ -65,7 +65,7 @@ def test_rerun_refused_points_survive_a_kill_and_only_own_checkpoints_are_pruned
     # --overwrite: a fresh run in r; the old one, every file of it, in r.old-<time>
     before = _snapshot(run)
     assert_all_ok(run_ranks(train_argv(data, ds, logs, "r", ["--max-steps", "1", "--save-frequency", "0",
-                                                             "--overwrite"]), world_size=1, timeout=180))
+                                                             "--overwrite"]), world_size=1, timeout=600))
     old = [p for p in logs.iterdir() if p.name.startswith("r.old-")]
     assert len(old) == 1 and _snapshot(old[0]) == before
     assert json.loads((run / "config.json").read_text())["resolved"]["end_step"] == 1
@@ -104,7 +104,7 @@ def test_a_failed_start_leaves_no_run_dir(tmp_path):
     for name, (flags, _) in cases.items():  # one plain process each, started together (mostly imports)
         procs[name] = _start(train_argv(data, ds, logs, name, flags), base_env())
     try:
-        outs = {name: p.communicate(timeout=240)[0] for name, p in procs.items()}
+        outs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:
