@@ -36,8 +36,8 @@ def shard_dir(output, index: int) -> Path:
 def _encode_chunk(args):
     """Source records -> [(id, where, stored bytes or None, error)]: data.build's decode and
     preprocessing, then JPEG encoding of the R×R result for a JPEG data set."""
-    items, resolution, image_format, quality = args
-    out = _decode_chunk((items, resolution))
+    items, resolution, resize, image_format, quality = args
+    out = _decode_chunk((items, resolution, resize))
     if image_format != "jpeg":
         return out
     from data.jpeg import encode_jpeg
@@ -110,7 +110,7 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, store: Optional[
                 handle([(x, str(store.path), a.tobytes(), "") for x, a in zip(part, arrs)])
         return
     workers = max(1, opts.workers)
-    args = (opts.resolution, opts.image_format, opts.jpeg_quality)
+    args = (opts.resolution, writer.resize, opts.image_format, opts.jpeg_quality)
     if workers == 1:
         for chunk in _source_chunks(opts, todo, res):
             handle(_encode_chunk((chunk, *args)))
@@ -166,7 +166,7 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
     try:
         writer = ImageStoreWriter(sdir / "images", opts.resolution, source=str(Path(opts.images).resolve()),
                                   mean=mean, std=std, fmt=JPEG_FORMAT if opts.image_format == "jpeg" else FORMAT,
-                                  extra={"resize": want["resize"]})
+                                  resize=want["resize"])
     except BaseException:
         if store is not None:
             store.close()

@@ -83,6 +83,7 @@ class BuiltDataset(Dataset):
         m = self.manifest
         self.resolution = int(m["resolution"])
         self.mean, self.std = tuple(m["mean"]), tuple(m["std"])
+        self.resize = m["preprocessing"]["resize"]  # recorded in exported models (engine.export)
         self.context_length = int(m["context_length"])
         self.image_format = m["image_format"]
         self.shard_pair_counts: List[int] = [int(s["pairs"]) for s in m["shards"]]

@@ -58,6 +58,7 @@ class BuildOptions:
     image_format: str = "uint8"
     jpeg_quality: int = 95
     progress: bool = True
+    resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images); a store source keeps its own
 
 
 @dataclass
@@ -118,9 +119,12 @@ def _our_store(path: Path) -> Optional[ImageStore]:
 
 
 def source_resize(opts: BuildOptions) -> str:
+    """The resize mode of the data set's images: --resize for images decoded here; a store built by
+    launch/build_lmdb.py already holds R×R images, made by the mode its manifest records (stores
+    from before the key existed were centre-cropped)."""
     store = _our_store(Path(opts.images))
     if store is None:
-        return "center-crop"
+        return opts.resize
     store.close()  # py-lmdb allows one open environment per path and process
     return store.manifest.get("resize") or "center-crop"
 

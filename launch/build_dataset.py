@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", dest="image_format", choices=["uint8", "jpeg"], default="uint8",
                    help="uint8 tensors (no decoding, 3*R*R bytes) or JPEG bytes (5-10x smaller, decoded at load)")
     p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+                   help="how a tsv/folder image becomes R×R: squash (Chinese-CLIP's, default) or center-crop; "
+                        "a launch/build_lmdb.py store keeps the mode it was built with")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
     opts = BuildOptions(queries=Path(a.queries), images=Path(a.images), output=Path(a.output), vocab=Path(a.vocab),
                         context_length=a.context_length, resolution=a.resolution, shard_size=a.shard_size,
                         num_shards=a.num_shards, workers=max(1, a.workers), on_error=a.on_error,
-                        image_format=a.image_format, jpeg_quality=a.jpeg_quality, progress=not a.no_progress)
+                        image_format=a.image_format, jpeg_quality=a.jpeg_quality, progress=not a.no_progress,
+                        resize=a.resize)
     t0 = time.perf_counter()
     try:
         results, manifest = build_dataset(opts, a.shard_index, a.finalize)

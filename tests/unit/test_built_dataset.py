@@ -93,7 +93,8 @@ def test_built_yields_the_pairs_and_image_bytes_of_the_jsonl_lmdb_path(src, tmp_
         assert torch.equal(g["image"], want[k]["image"]) and torch.equal(g["input_ids"], want[k]["input_ids"])
     assert (built.resolution, built.mean, built.std) == (R, oracle.store.mean, oracle.store.std)
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert m["complete"] is True and m["preprocessing"]["resize"] == "center-crop"
+    # both builders squash by default (Chinese-CLIP's preprocessing); the same pixels prove the same mode
+    assert m["complete"] is True and m["preprocessing"]["resize"] == built.resize == oracle.store.resize == "squash"
     assert [s["pairs"] for s in m["shards"]] == built.shard_pair_counts and m["token_dtype"] == "uint16"
 
 
@@ -206,3 +207,13 @@ def test_train_refuses_another_vocab_or_context_length(src, tmp_path, capsys):
     assert "drop --train-img" in capsys.readouterr().err
     assert train.main(_train_argv(src, src / "q.jsonl", 16, src / "vocab.txt")) == 2
     assert "--train-img" in capsys.readouterr().err
+
+
+def test_resize_mode_is_recorded_from_the_flag_or_the_source_store(src, tmp_path):
+    """Images decoded here follow --resize; a launch/build_lmdb.py store already holds R×R images and
+    its recorded mode travels on (the exported model then records what the weights were trained on)."""
+    assert build(src, tmp_path / "cc", "--num-shards", "1", "--resize", "center-crop") == 0
+    assert BuiltDataset(tmp_path / "cc").resize == "center-crop"
+    assert ImageStore(tmp_path / "cc" / "shards" / "00000" / "images").resize == "center-crop"
+    assert build(src, tmp_path / "st", "--num-shards", "1", "--resize", "center-crop", images="lmdb") == 0
+    assert BuiltDataset(tmp_path / "st").resize == ImageStore(src / "lmdb").resize == "squash"
