@@ -6,13 +6,16 @@ queries jsonl + single LMDB. A script that prints a table, not a test:
 Per size N (pairs; --per-query images per query, sharing --images distinct 32 px images and --texts texts):
   build      launch/build_dataset.py wall time and pairs/s (the jsonl is written first, not counted)
   first step launch of launch/train.py on 2 ranks (tiny model, built data set) -> "step 1/" in rank 0's
-             log, and the peak RSS (VmHWM) of each rank until then
-  sampler    today's ShardedSampler alone in a fresh process (randperm(N) + .tolist() of the rank's
-             half): its share of the start-up time and RSS, which the seeded-bijection sampler removes
+             log, and the peak RSS (VmHWM) of each rank until then, and of it the largest RssAnon seen
+             (the rest is file pages mapped in: the memory-mapped arrays, i.e. shared page cache)
+  sampler    the trainer's sampler (data.sampler.ShardedSampler, global shuffle, as engine.loading builds
+             it) alone in a fresh process, rank 0 of 2, up to its first index: time and RSS above
+             `import torch` (the lazy Feistel shuffle: neither should grow with N)
   loader     samples/s of random micro-batches of 64 from the built data set, in process
 The old path (--old-path-at) is the same train.py launch with --train-data JSONL --train-img LMDB.
 --jpeg-images measures 224 px storage: bytes per image as uint8 and as JPEG q95 (photo-like images), and
-decode throughput (data.jpeg, CPU threads) against uint8 LMDB reads. Everything is deleted at the end.
+decode throughput (data.jpeg, CPU threads) against uint8 LMDB reads. Everything is deleted at the end
+(unless --keep).
 """
 import argparse
 import json
@@ -69,11 +72,13 @@ def write_queries(path: Path, n_pairs: int, n_images: int, texts, per_query=10, 
                             f'[{", ".join(map(str, items[k]))}]}}\n' for k in range(m)))
 
 
-def peak_rss_mb(pid):
+def rss_mb(pid, field="VmHWM"):
+    """A memory figure of /proc/<pid>/status in MB: VmHWM (peak RSS), RssAnon (the process's own memory,
+    now) or RssFile (file pages mapped in, e.g. the memory-mapped pair arrays: page cache, shared)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -87,7 +92,8 @@ def env_for(rank, world, port):
 
 
 def time_to_first_step(argv, timeout=900):
-    """(seconds from launch to rank 0's 'step 1/' line, [peak RSS MB of each rank by then])."""
+    """(seconds from launch to rank 0's 'step 1/' line, [peak RSS MB of each rank by then],
+    [largest RssAnon MB of each rank seen by then])."""
     from tests.ranks import free_port
 
     port, t0 = free_port(), time.perf_counter()
@@ -105,11 +111,11 @@ def time_to_first_step(argv, timeout=900):
     threads = [threading.Thread(target=watch, args=(r,), daemon=True) for r in range(2)]
     for t in threads:
         t.start()
-    rss = [0.0, 0.0]
+    rss, anon = [0.0, 0.0], [0.0, 0.0]
     while 0 not in seen and time.perf_counter() - t0 < timeout and procs[0].poll() is None:
         for r, p in enumerate(procs):
-            v = peak_rss_mb(p.pid)
-            rss[r] = max(rss[r], v or 0)
+            rss[r] = max(rss[r], rss_mb(p.pid) or 0)
+            anon[r] = max(anon[r], rss_mb(p.pid, "RssAnon") or 0)
         time.sleep(0.05)
     for p in procs:
         p.wait(timeout=timeout)
@@ -117,7 +123,7 @@ def time_to_first_step(argv, timeout=900):
         t.join(5)
     if 0 not in seen:
         raise RuntimeError("train.py did not reach step 1:\n" + "".join(out0[-30:]))
-    return seen[0], rss
+    return seen[0], rss, anon
 
 
 def train_argv(root, train_flags, name):
@@ -131,7 +137,8 @@ def train_argv(root, train_flags, name):
 
 
 def sampler_alone(n):
-    """Seconds and peak RSS (MB) of today's sampler for rank 0 of 2, in a fresh process."""
+    """Seconds to the first index and peak RSS (MB) above `import torch` of the trainer's sampler
+    (engine.loading.build_sampler's global shuffle) for rank 0 of 2, in a fresh process."""
     code = ("import time,sys; sys.path.insert(0, %r); import torch; from data.sampler import ShardedSampler;"
             "t=time.perf_counter(); it=iter(ShardedSampler(%d, 0, 2, seed=0)); next(it);"
             "print(time.perf_counter()-t); print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
@@ -169,20 +176,22 @@ def bench_size(root, n, args, rows):
                     "--resolution", str(RES), "--num-shards", str(args.shards), "--workers", str(args.workers),
                     "--no-progress"], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)))
     build_s = time.perf_counter() - t
-    first, rss = ((float("nan"), [float("nan")] * 2) if n in args.skip_train_at else
-                  time_to_first_step(train_argv(root, ["--train-data", str(out)], f"built{n}")))
+    first, rss, anon = ((float("nan"), [float("nan")] * 2, [float("nan")] * 2) if n in args.skip_train_at else
+                        time_to_first_step(train_argv(root, ["--train-data", str(out)], f"built{n}")))
     s_secs, s_mb = sampler_alone(n)
     rate = loader_rate(out)
     first_row = len(rows)
     rows.append((f"{n / 1e6:g}M built", f"{build_s:.0f} s ({n / build_s / 1e3:.0f}k pairs/s, {args.per_query}/query)",
-                 f"{first:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}", f"{s_secs:.1f} s, {s_mb:.0f} MB", f"{rate:.0f}"))
+                 f"{first:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}", f"{anon[0]:.0f} / {anon[1]:.0f}",
+                 f"{s_secs:.1f} s, {s_mb:.0f} MB", f"{rate:.0f}"))
     if n in args.old_at:
-        first, rss = time_to_first_step(train_argv(root, ["--train-data", str(q), "--train-img",
-                                                          str(root / "images")], f"old{n}"))
+        first, rss, anon = time_to_first_step(train_argv(root, ["--train-data", str(q), "--train-img",
+                                                                str(root / "images")], f"old{n}"))
         rows.append((f"{n / 1e6:g}M jsonl+LMDB", "-", f"{first:.1f}", f"{rss[0]:.0f} / {rss[1]:.0f}",
-                     f"{s_secs:.1f} s, {s_mb:.0f} MB", "-"))
-    q.unlink()
-    shutil.rmtree(out)
+                     f"{anon[0]:.0f} / {anon[1]:.0f}", f"{s_secs:.1f} s, {s_mb:.0f} MB", "-"))
+    if not args.keep:
+        q.unlink()
+        shutil.rmtree(out)
     for row in rows[first_row:]:
         print(" | ".join(row), flush=True)
 
@@ -222,8 +231,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M,10M", help="pairs per data set, e.g. 1M,10M,100M")
     p.add_argument("--old-path-at", default="1M", help="sizes at which to also time the jsonl+LMDB path")
-    p.add_argument("--skip-train-at", default="", help="sizes at which not to launch train.py (today's "
-                   "sampler needs ~2.7 GB per rank at 100M: more than a shared 24 GB machine may have free)")
+    p.add_argument("--skip-train-at", default="", help="sizes at which not to launch train.py "
+                   "(e.g. to time only the build)")
     p.add_argument("--images", type=int, default=20_000, help="distinct images (32 px)")
     p.add_argument("--texts", type=int, default=50_000, help="distinct texts")
     p.add_argument("--shards", type=int, default=4)
@@ -232,13 +241,16 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--jpeg-images", type=int, default=0, help="also measure 224 px JPEG vs uint8 (0: skip)")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, deleted after)")
+    p.add_argument("--keep", action="store_true", help="keep the data sets and train.py's logs (to look into a "
+                   "row afterwards); the folder is printed, delete it yourself")
     args = p.parse_args()
     args.old_at = {parse_size(x) for x in args.old_path_at.split(",") if x}
     args.skip_train_at = {parse_size(x) for x in args.skip_train_at.split(",") if x}
     root = Path(tempfile.mkdtemp(prefix="bench_dataset_", dir=args.dir))
     try:
         args.texts_list = make_sources(root, args.images, args.texts)
-        rows = [("pairs", "build", "launch->step 1 (s)", "peak RSS rank0/1 (MB)", "today's sampler alone",
+        rows = [("pairs", "build", "launch->step 1 (s)", "peak RSS rank0/1 (MB)", "of it anon (MB)",
+                 "sampler alone (rank 0 of 2)",
                  "loader samples/s")]
         print(" | ".join(rows[0]), flush=True)
         for size in args.sizes.split(","):
@@ -247,7 +259,10 @@ def main():
         if args.jpeg_images:
             bench_jpeg(root, args.jpeg_images)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
