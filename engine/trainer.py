@@ -63,6 +63,7 @@ class Trainer:
         self.engine = None
         self.tb: Optional[ScalarWriter] = None
         self.val = None  # (store, queries) of the validation split
+        self.resume_plan = None  # resume.ResumePlan under --resume (set before the engine is built)
 
     # --- building ---------------------------------------------------------------------------------
 

@@ -22,38 +22,35 @@ EXIT_BAD_INPUT = 2
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
-    p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
+    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
+                   "(default: the model file's record, else ViT-B-16)")
+    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
+                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
     p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
     p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (sizes a custom vocabulary)")
-    p.add_argument("--context-length", type=int, default=52, help="token ids per text (fixed in the export)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="token ids per text, fixed in the export (default: the model file's, else 52)")
     p.add_argument("--output", required=True, help="folder for the .onnx files")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed feature difference")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     a = p.parse_args(argv)
-    a.precision = "fp32"  # launch.extract.build_model reads it
-
-    import torch
 
     from engine import onnx_export
-    from launch.extract import build_model
+    from engine.model_loading import load_model
 
     try:
         onnx_export.require("onnx", *(() if a.no_check else ("onnxruntime",)))
         t0 = time.perf_counter()
-        tokenizer = None
-        if a.vocab:
-            from data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(a.vocab)
-        model = build_model(a, tokenizer, torch.device("cpu"))
-        written = onnx_export.export(model, a.output, a.context_length,
-                                     {"model": a.model, "text_model": a.text_model, "weights": str(a.weights),
-                                      "vocab_size": model.text_config.vocab_size})
+        loaded = load_model(a.weights, None, a.model, a.text_model, a.vocab, a.context_length)
+        model, context = loaded.model, loaded.context_length
+        written = onnx_export.export(model, a.output, context,
+                                     {"model": a.model or "as recorded in the weights file",
+                                      "text_model": a.text_model or "as recorded in the weights file",
+                                      "weights": str(a.weights), "vocab_size": model.text_config.vocab_size})
         print(f"exported in {time.perf_counter() - t0:.1f}s: " + ", ".join(str(w) for w in written))
         if a.no_check:
             return 0
-        diffs = onnx_export.max_differences(model, a.output, a.context_length)
+        diffs = onnx_export.max_differences(model, a.output, context)
         worst = max(diffs.values())
         print("onnxruntime vs PyTorch, largest feature difference: "
               + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

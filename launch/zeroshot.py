@@ -27,10 +27,13 @@ EXIT_BAD_INPUT = 2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
-    p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
+    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
+                   "(default: the model file's record, else ViT-B-16)")
+    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
+                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
     p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
-    p.add_argument("--vocab", required=True, help="tokenizer folder or vocab.txt")
+    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (default: the one the model "
+                   "file carries)")
     p.add_argument("--classes", required=True, help="class names, one per line")
     p.add_argument("--labels", required=True, help='jsonl {"image_id": int, "label": class name}')
     src = p.add_mutually_exclusive_group(required=True)
@@ -39,13 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--templates", default=None, help="prompt templates, one per line with {} (replaces the built-in)")
     p.add_argument("--output", required=True, help="result JSON")
     p.add_argument("--top-k", type=int, default=5, help="the second accuracy cut-off (default 5)")
-    p.add_argument("--context-length", type=int, default=52)
+    p.add_argument("--context-length", type=int, default=None,
+                   help="text tokens incl. [CLS]/[SEP] (default: the model file's, else 52)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    a.precision = "fp32"  # launch.extract.build_model reads it
-    return a
+    return p.parse_args(argv)
 
 
 def image_features(a, model, image_ids, device):
@@ -71,7 +73,7 @@ def image_features(a, model, image_ids, device):
         raise InputError(f"{a.image_lmdb}: {len(missing)} labelled images are not in the store, e.g. {missing[0]}")
     if store.resolution != model.image_resolution:
         raise InputError(f"--image-lmdb {a.image_lmdb} holds {store.resolution} px images, "
-                         f"--model {a.model} expects {model.image_resolution} px")
+                         f"the model expects {model.image_resolution} px")
     with eval_mode(model):
         _, feats = encode_images(model, store, image_ids, a.batch_size, device, progress=not a.no_progress)
     return feats
@@ -83,9 +85,8 @@ def main(argv=None) -> int:
     import torch
 
     from data.files import atomic_write
-    from data.tokenizer import load_tokenizer
     from engine import zeroshot as zs
-    from launch.extract import build_model
+    from engine.model_loading import load_model
 
     try:
         t0 = time.perf_counter()
@@ -93,9 +94,11 @@ def main(argv=None) -> int:
         classes = zs.read_class_names(a.classes)
         templates = zs.read_templates(a.templates) if a.templates else zs.DEFAULT_TEMPLATES
         labels = zs.read_labels(a.labels, classes)
-        tokenizer = load_tokenizer(a.vocab)
-        model = build_model(a, tokenizer, device)
-        weights = zs.class_weights(model, tokenizer, classes, templates, a.context_length, device)
+        loaded = load_model(a.weights, None, a.model, a.text_model, a.vocab, a.context_length)
+        if loaded.tokenizer is None:
+            raise InputError(f"--weights {a.weights} carries no vocabulary: give the one it was trained with, --vocab")
+        model, tokenizer = loaded.model.to(device), loaded.tokenizer
+        weights = zs.class_weights(model, tokenizer, classes, templates, loaded.context_length, device)
         image_ids = list(labels)
         feats = image_features(a, model, image_ids, device)
         top = zs.top_classes(feats, weights, min(a.top_k, len(classes)))

@@ -4,6 +4,7 @@ same seed, sampler and batches must give bit-identical weights."""
 import torch
 
 from launch import build_dataset
+from models.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 
@@ -25,8 +26,8 @@ def test_two_ranks_train_from_a_built_data_set_as_from_jsonl_and_lmdb(tmp_path):
     results = run_ranks(argv, timeout=600)
     assert_all_ok(results)
     assert "built data set" in results[0].output and "done at step 7" in results[0].output
-    a = torch.load(logs / "lmdb" / "model_fp32.pt", weights_only=True)
-    b = torch.load(logs / "built" / "model_fp32.pt", weights_only=True)
+    (a, rec_a), (b, rec_b) = (read_model_file(logs / run / "model_fp32.pt") for run in ("lmdb", "built"))
+    assert rec_a["image"] == rec_b["image"]  # the same preprocessing recorded from the store and the data set
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different
