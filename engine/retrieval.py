@@ -34,6 +34,7 @@ from engine import dist
 from engine.features import FeatureSource
 
 SENTINEL = torch.iinfo(torch.int64).max  # row of a padding entry: sorts after every real row
+CPU_TILE = (1024, 2048, 16)  # queries x images per CPU score tile, column groups scanned per tile
 
 
 # ------------------------------------------------------------------------- exact selection ----
@@ -114,6 +115,11 @@ class Plan:
     query_chunk: int
     image_block: int
     group: int
+    # CPU path (engine/topk_cpu.py): cache-resident tiles of tile_queries x tile_images scores,
+    # scanned through maxima of tile_group strided column groups.
+    tile_queries: int = 1024
+    tile_images: int = 1024
+    tile_group: int = 16
 
     def num_blocks(self, n_images: int) -> int:
         return math.ceil(n_images / self.image_block)
@@ -157,7 +163,9 @@ def plan_blocks(n_queries: int, n_images: int, dim: int, k: int, max_memory_mb: 
             raise InputError(f"--max-memory-mb {max_memory_mb} is too small for these sizes")
     if image_block is None:  # no wider than the image set, rounded up to whole groups
         nb = min(nb, math.ceil(max(n_images, 1) / group) * group)
-    return Plan(query_chunk=qc, image_block=nb, group=group)
+    # CPU tiles: never wider than the blocks asked for (so small explicit sizes test the tiling).
+    return Plan(query_chunk=qc, image_block=nb, group=group, tile_queries=min(qc, CPU_TILE[0]),
+                tile_images=min(nb, CPU_TILE[1]), tile_group=min(group, CPU_TILE[2]))
 
 
 class _Scorer:
@@ -284,6 +292,8 @@ def _search(queries, images, k, plan, blocks, device, progress):
         raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
     _check_finite(queries, "query", 0, None)
     blocks = range(plan.num_blocks(n_img)) if blocks is None else blocks
+    if device.type == "cpu":
+        return _search_cpu(queries, images, k, plan, blocks, progress)
     scorer = _Scorer(queries, device)
     best_vals = torch.full((n_q, k), float("-inf"), device=device)
     best_rows = torch.full((n_q, k), SENTINEL, dtype=torch.int64, device=device)
@@ -307,6 +317,34 @@ def _search(queries, images, k, plan, blocks, device, progress):
         selector.close()
         bar.close()
     return best_vals.cpu(), best_rows.cpu()
+
+
+def _search_cpu(queries, images, k, plan, blocks, progress):
+    from engine.topk_cpu import search_blocks
+
+    buf = np.empty(0, np.float32)
+
+    def read_block(b):
+        nonlocal buf
+        r0 = b * plan.image_block
+        r1 = min(r0 + plan.image_block, len(images))
+        raw = images.read(r0, r1)
+        _check_finite(raw, "image", r0, images.ids)
+        if raw.dtype == np.float32 and raw.flags.c_contiguous:
+            return r0, raw
+        if buf.size < raw.size:
+            buf = np.empty(raw.size, np.float32)
+        block = buf[: raw.size].reshape(raw.shape)
+        block[...] = raw  # fp16 storage, fp32 arithmetic
+        return r0, block
+
+    bar = _progress(len(blocks), progress)
+    try:
+        vals, rows = search_blocks(queries, read_block, blocks, k, plan.tile_queries, plan.tile_images,
+                                   plan.tile_group, on_block=lambda: bar.update(1))
+    finally:
+        bar.close()
+    return torch.from_numpy(vals), torch.from_numpy(rows)
 
 
 def distributed_search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
