@@ -17,8 +17,9 @@ holding one of the k best entries has a max at least that entry's score, and at 
 can rank above it (each would contribute a distinct better entry); ties between groups go to the
 lower group, i.e. the lower rows, like ties between entries.
 
-CPU matmuls go through numpy (OpenBLAS): ~235 GFLOP/s on these 2 AMD cores against 135-170 for
-torch's MKL. On a GPU, image blocks are copied to the device and everything runs in torch there.
+That block selection is the GPU path: image blocks are copied to the device and everything runs
+in torch there. On the CPU, `_search_cpu` hands the blocks to engine/topk_cpu.py instead
+(cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per query); same order, same grid.
 """
 from __future__ import annotations
 
@@ -27,13 +28,27 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from data.files import InputError, atomic_write
-from engine import dist
 from engine.features import FeatureSource
+from engine.topk_cpu import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
 
-SENTINEL = torch.iinfo(torch.int64).max  # row of a padding entry: sorts after every real row
+
+class _LazyModule:
+    """Imports a module on first use. `import torch` costs 2 s (11 s on a loaded machine) and a
+    one-process CPU search (`search_local`, launch/retrieve.py) never needs it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _LazyModule("torch")
+dist = _LazyModule("engine.dist")  # imports torch
 CPU_TILE = (1024, 2048, 16)  # queries x images per CPU score tile, column groups scanned per tile
 
 
@@ -293,7 +308,8 @@ def _search(queries, images, k, plan, blocks, device, progress):
     _check_finite(queries, "query", 0, None)
     blocks = range(plan.num_blocks(n_img)) if blocks is None else blocks
     if device.type == "cpu":
-        return _search_cpu(queries, images, k, plan, blocks, progress)
+        vals, rows = _search_cpu(queries, images, k, plan, blocks, progress)
+        return torch.from_numpy(vals), torch.from_numpy(rows)
     scorer = _Scorer(queries, device)
     best_vals = torch.full((n_q, k), float("-inf"), device=device)
     best_rows = torch.full((n_q, k), SENTINEL, dtype=torch.int64, device=device)
@@ -344,7 +360,20 @@ def _search_cpu(queries, images, k, plan, blocks, progress):
                                    plan.tile_group, on_block=lambda: bar.update(1))
     finally:
         bar.close()
-    return torch.from_numpy(vals), torch.from_numpy(rows)
+    return vals, rows
+
+
+def search_local(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan, progress: bool = False
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """search() over every block in this one process on the CPU, as numpy arrays, without
+    importing torch. Needs at least k images."""
+    if len(images) < k:
+        raise InputError(f"top-{k} needs at least {k} images, the image features hold {len(images)}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != images.dim:
+        raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
+    _check_finite(queries, "query", 0, None)
+    return _search_cpu(queries, images, k, plan, range(plan.num_blocks(len(images))), progress)
 
 
 def distributed_search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
@@ -383,7 +412,7 @@ def _progress(total: int, enabled: bool):
 
 def rows_to_ids(image_ids: np.ndarray, rows: torch.Tensor) -> np.ndarray:
     """Image ids [Q, k] of the top-k rows."""
-    return np.asarray(image_ids)[rows.numpy()]
+    return np.asarray(image_ids)[np.asarray(rows)]  # rows: a CPU tensor or a numpy array
 
 
 def write_predictions(path, query_ids: np.ndarray, item_ids: np.ndarray) -> None:

@@ -80,3 +80,29 @@ def test_search_with_default_tiles_equals_oracle(dtype):
     want_v, want_r = oracle(q, x, 10)
     np.testing.assert_array_equal(rows.numpy(), want_r)
     np.testing.assert_array_equal(vals.numpy(), want_v.astype(np.float32))
+
+
+def test_cli_in_one_cpu_process_does_not_import_torch(tmp_path):
+    """launch/retrieve.py without a launcher on the CPU: oracle results, and torch never loaded."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from engine.features import save_features
+
+    rng = np.random.default_rng(8)
+    q, x = tied_images(rng, 13, 16), tied_images(rng, 700, 16)
+    save_features(tmp_path / "img.npz", np.arange(700) + 5, x)
+    save_features(tmp_path / "txt.npz", np.arange(13), q)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {key: v for key, v in os.environ.items() if key not in ("WORLD_SIZE", "RANK")}
+    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(repo, "launch/retrieve.py"),
+                           "--image-feats", str(tmp_path / "img.npz"), "--text-feats", str(tmp_path / "txt.npz"),
+                           "--top-k", "10", "--device", "cpu", "--no-progress", "--output", str(tmp_path / "p.jsonl")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not re.search(r"\|\s+torch(\.|$)", proc.stderr, re.M), "torch was imported"
+    got = [json.loads(line)["item_ids"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert got == (oracle(q, x, 10)[1] + 5).tolist()
