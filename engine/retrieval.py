@@ -49,7 +49,7 @@ class _LazyModule:
 
 torch = _LazyModule("torch")
 dist = _LazyModule("engine.dist")  # imports torch
-CPU_TILE = (1024, 2048, 16)  # queries x images per CPU score tile, column groups scanned per tile
+CPU_TILE = (1024, 4096, 16)  # queries x images per CPU score tile, column groups scanned per tile
 
 
 # ------------------------------------------------------------------------- exact selection ----
