@@ -17,8 +17,9 @@ holding one of the k best entries has a max at least that entry's score, and at 
 can rank above it (each would contribute a distinct better entry); ties between groups go to the
 lower group, i.e. the lower rows, like ties between entries.
 
-CPU matmuls go through numpy (OpenBLAS): ~235 GFLOP/s on these 2 AMD cores against 135-170 for
-torch's MKL. On a GPU, image blocks are copied to the device and everything runs in torch there.
+That block selection is the GPU path: image blocks are copied to the device and everything runs
+in torch there. On the CPU, `_search_cpu` hands the blocks to engine/topk_cpu.py instead
+(cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per query); same order, same grid.
 """
 from __future__ import annotations
 
@@ -27,13 +28,28 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from data.files import InputError, atomic_write
-from engine import dist
 from engine.features import FeatureSource
+from engine.topk_cpu import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
 
-SENTINEL = torch.iinfo(torch.int64).max  # row of a padding entry: sorts after every real row
+
+class _LazyModule:
+    """Imports a module on first use. `import torch` costs 2 s (11 s on a loaded machine) and a
+    one-process CPU search (`search_local`, launch/retrieve.py) never needs it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _LazyModule("torch")
+dist = _LazyModule("engine.dist")  # imports torch
+CPU_TILE = (1024, 4096, 16)  # queries x images per CPU score tile, column groups scanned per tile
 
 
 # ------------------------------------------------------------------------- exact selection ----
@@ -114,6 +130,11 @@ class Plan:
     query_chunk: int
     image_block: int
     group: int
+    # CPU path (engine/topk_cpu.py): cache-resident tiles of tile_queries x tile_images scores,
+    # scanned through maxima of tile_group strided column groups.
+    tile_queries: int = 1024
+    tile_images: int = 1024
+    tile_group: int = 16
 
     def num_blocks(self, n_images: int) -> int:
         return math.ceil(n_images / self.image_block)
@@ -157,7 +178,9 @@ def plan_blocks(n_queries: int, n_images: int, dim: int, k: int, max_memory_mb: 
             raise InputError(f"--max-memory-mb {max_memory_mb} is too small for these sizes")
     if image_block is None:  # no wider than the image set, rounded up to whole groups
         nb = min(nb, math.ceil(max(n_images, 1) / group) * group)
-    return Plan(query_chunk=qc, image_block=nb, group=group)
+    # CPU tiles: never wider than the blocks asked for (so small explicit sizes test the tiling).
+    return Plan(query_chunk=qc, image_block=nb, group=group, tile_queries=min(qc, CPU_TILE[0]),
+                tile_images=min(nb, CPU_TILE[1]), tile_group=min(group, CPU_TILE[2]))
 
 
 class _Scorer:
@@ -284,6 +307,9 @@ def _search(queries, images, k, plan, blocks, device, progress):
         raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
     _check_finite(queries, "query", 0, None)
     blocks = range(plan.num_blocks(n_img)) if blocks is None else blocks
+    if device.type == "cpu":
+        vals, rows = _search_cpu(queries, images, k, plan, blocks, progress)
+        return torch.from_numpy(vals), torch.from_numpy(rows)
     scorer = _Scorer(queries, device)
     best_vals = torch.full((n_q, k), float("-inf"), device=device)
     best_rows = torch.full((n_q, k), SENTINEL, dtype=torch.int64, device=device)
@@ -307,6 +333,47 @@ def _search(queries, images, k, plan, blocks, device, progress):
         selector.close()
         bar.close()
     return best_vals.cpu(), best_rows.cpu()
+
+
+def _search_cpu(queries, images, k, plan, blocks, progress):
+    from engine.topk_cpu import search_blocks
+
+    buf = np.empty(0, np.float32)
+
+    def read_block(b):
+        nonlocal buf
+        r0 = b * plan.image_block
+        r1 = min(r0 + plan.image_block, len(images))
+        raw = images.read(r0, r1)
+        _check_finite(raw, "image", r0, images.ids)
+        if raw.dtype == np.float32 and raw.flags.c_contiguous:
+            return r0, raw
+        if buf.size < raw.size:
+            buf = np.empty(raw.size, np.float32)
+        block = buf[: raw.size].reshape(raw.shape)
+        block[...] = raw  # fp16 storage, fp32 arithmetic
+        return r0, block
+
+    bar = _progress(len(blocks), progress)
+    try:
+        vals, rows = search_blocks(queries, read_block, blocks, k, plan.tile_queries, plan.tile_images,
+                                   plan.tile_group, on_block=lambda: bar.update(1))
+    finally:
+        bar.close()
+    return vals, rows
+
+
+def search_local(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan, progress: bool = False
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """search() over every block in this one process on the CPU, as numpy arrays, without
+    importing torch. Needs at least k images."""
+    if len(images) < k:
+        raise InputError(f"top-{k} needs at least {k} images, the image features hold {len(images)}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != images.dim:
+        raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
+    _check_finite(queries, "query", 0, None)
+    return _search_cpu(queries, images, k, plan, range(plan.num_blocks(len(images))), progress)
 
 
 def distributed_search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
@@ -345,7 +412,7 @@ def _progress(total: int, enabled: bool):
 
 def rows_to_ids(image_ids: np.ndarray, rows: torch.Tensor) -> np.ndarray:
     """Image ids [Q, k] of the top-k rows."""
-    return np.asarray(image_ids)[rows.numpy()]
+    return np.asarray(image_ids)[np.asarray(rows)]  # rows: a CPU tensor or a numpy array
 
 
 def write_predictions(path, query_ids: np.ndarray, item_ids: np.ndarray, query_key: str = "query_id",

@@ -30,10 +30,20 @@ DIRECTIONS = {"t2i": ("queries", "images", "query_id", "item_ids"),
 
 def _warn(warning) -> None:
     """Print a feature-record warning once (rank 0)."""
-    from engine import dist
-
-    if warning and dist.is_main():
+    dist = sys.modules.get("engine.dist")  # not loaded: one local process (see _one_cpu_process)
+    if warning and (dist is None or dist.is_main()):
         print(f"retrieve.py: warning: {warning}", file=sys.stderr)
+
+
+def _one_cpu_process(device: str) -> bool:
+    """No launcher and no GPU asked for or present: search in this process with numpy only, so
+    neither torch (2 s to import, much more on a busy machine) nor a process group is loaded."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # as engine.dist.launched_distributed
+        return False
+    if device == "cpu":
+        return True
+    gpu_nodes = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL: let torch decide
+    return device == "auto" and not any(os.path.exists(p) for p in gpu_nodes)
 
 
 def main(argv=None) -> int:
@@ -54,16 +64,19 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    import torch
-
-    from engine import dist
     from engine.features import check_kind, check_same_model, open_features, read_all
-    from engine.retrieval import distributed_search, plan_blocks, rows_to_ids, write_predictions
+    from engine.retrieval import distributed_search, plan_blocks, rows_to_ids, search_local, write_predictions
 
-    dist.init_distributed(use_deepspeed=False)
+    local = _one_cpu_process(a.device)
+    if not local:
+        import torch
+
+        from engine import dist
+
+        dist.init_distributed(use_deepspeed=False)
     try:
         t0 = time.perf_counter()
-        device = dist.device() if a.device == "auto" else torch.device(a.device)
+        device = "cpu" if local else dist.device() if a.device == "auto" else torch.device(a.device)
         q_what, db_what, q_key, db_key = DIRECTIONS[a.direction]
         images = open_features(a.image_feats)
         _warn(check_kind(images.meta, "image", f"--image-feats {a.image_feats}"))
@@ -74,14 +87,18 @@ def main(argv=None) -> int:
         q_ids, q_feats = read_all(queries)
         plan = plan_blocks(len(q_ids), len(database), database.dim, a.top_k, a.max_memory_mb,
                            a.query_chunk, a.image_block)
-        _, rows = distributed_search(q_feats, database, a.top_k, plan, device=device,
-                                     progress=not a.no_progress)
-        if dist.is_main():
+        if local:
+            _, rows = search_local(q_feats, database, a.top_k, plan, progress=not a.no_progress)
+        else:
+            _, rows = distributed_search(q_feats, database, a.top_k, plan, device=device,
+                                         progress=not a.no_progress)
+        if local or dist.is_main():
             write_predictions(a.output, q_ids, rows_to_ids(database.ids, rows), q_key, db_key)
             print(f"top-{a.top_k} of {len(database)} {db_what} for {len(q_ids)} {q_what} on "
-                  f"{dist.world_size()} rank(s), {device.type}, in {time.perf_counter() - t0:.1f}s "
-                  f"(blocks {plan.query_chunk} x {plan.image_block}) -> {a.output}")
-        dist.barrier()
+                  f"{1 if local else dist.world_size()} rank(s), {getattr(device, 'type', device)}, in "
+                  f"{time.perf_counter() - t0:.1f}s (blocks {plan.query_chunk} x {plan.image_block}) -> {a.output}")
+        if not local:
+            dist.barrier()
     except InputError as e:
         print(f"retrieve.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -89,6 +106,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    rc = main()
+    if "engine.dist" not in sys.modules:  # one local process: no group to wait for
+        sys.exit(rc)
     from engine import dist
 
-    dist.exit_process(main())  # waits for the other ranks on success; never blocks on a dead one
+    dist.exit_process(rc)  # waits for the other ranks on success; never blocks on a dead one

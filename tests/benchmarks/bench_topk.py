@@ -143,6 +143,56 @@ def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows:
             "cli_output": proc.stdout.strip()}
 
 
+FAISS_SCRIPT = """
+import sys, numpy as np, faiss
+faiss.omp_set_num_threads(int(sys.argv[4]))
+def load(p):
+    z = np.load(p)
+    return z["ids"], np.ascontiguousarray(z["feats"], dtype=np.float32)
+img_ids, img = load(sys.argv[1])
+q_ids, q = load(sys.argv[2])
+index = faiss.IndexFlatIP(img.shape[1])
+index.add(img)
+_, rows = index.search(q, int(sys.argv[3]))
+np.save(sys.argv[5], img_ids[rows])
+"""
+
+
+def run_processes(n_q: int, n_img: int, dim: int, k: int, repeats: int, threads: int,
+                  workdir: Path) -> dict:
+    """Whole processes on the same npz files, alternated: launch/retrieve.py against a minimal
+    faiss IndexFlatIP script (load, index, search, save). Python start and imports count."""
+    rng = np.random.default_rng(3)
+    save_features(workdir / "img.npz", np.arange(n_img), unit_rows(rng, n_img, dim))
+    save_features(workdir / "txt.npz", np.arange(n_q), unit_rows(rng, n_q, dim))
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    ours = [sys.executable, str(repo / "launch/retrieve.py"), "--image-feats", str(workdir / "img.npz"),
+            "--text-feats", str(workdir / "txt.npz"), "--top-k", str(k), "--output",
+            str(workdir / "pred.jsonl"), "--no-progress", "--device", "cpu"]
+    theirs = [sys.executable, "-c", FAISS_SCRIPT, str(workdir / "img.npz"), str(workdir / "txt.npz"),
+              str(k), str(threads), str(workdir / "faiss_ids.npy")]
+    times = {"ours": [], "faiss": []}
+    for _ in range(repeats):
+        for name, cmd in (("ours", ours), ("faiss", theirs)):
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            times[name].append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout + proc.stderr)
+    pred = [json.loads(line)["item_ids"] for line in open(workdir / "pred.jsonl")]
+    fids = np.load(workdir / "faiss_ids.npy")
+    agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(pred, fids.tolist())]))
+    ratios = [o / f for o, f in zip(times["ours"], times["faiss"])]
+    return {"queries": n_q, "images": n_img, "ours_process_s": times["ours"], "faiss_process_s": times["faiss"],
+            "ours_over_faiss": ratios, "median_ours_over_faiss": float(np.median(ratios)), "agreement": agree}
+
+
+def _spread(xs) -> str:
+    return f"{np.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=THREADS_DEFAULT, help="BLAS/torch/faiss threads")
@@ -159,6 +209,8 @@ def main() -> None:
     p.add_argument("--image-block", type=int, default=None)
     p.add_argument("--group", type=int, default=None)
     p.add_argument("--workdir", default=None, help="where --large writes its features (default: a temp dir)")
+    p.add_argument("--processes", action="store_true",
+                   help="also time whole processes per size: launch/retrieve.py vs a faiss script on npz files")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
 
@@ -181,6 +233,16 @@ def main() -> None:
               f"{r['fraction_of_matmul_limit']:.2f} of the matmul limit ({r['limit_s']:.3f}s at "
               f"max(numpy {r['gemm_gflops_numpy']:.0f}, torch {r['gemm_gflops_torch']:.0f}) GFLOP/s)"
               + faiss_part, flush=True)
+    if a.processes:
+        results["processes"] = []
+        for size in a.sizes:
+            n_q, n_img = (int(v) for v in size.lower().split("x"))
+            with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+                r = run_processes(n_q, n_img, a.dim, a.k, a.repeats, a.threads, Path(tmp))
+            results["processes"].append(r)
+            print(f"whole process {n_q} x {n_img} x {a.dim}, median (min-max) of {a.repeats}: "
+                  f"retrieve.py {_spread(r['ours_process_s'])}s, faiss script {_spread(r['faiss_process_s'])}s, "
+                  f"ours/faiss {_spread(r['ours_over_faiss'])}, id agreement {r['agreement']:.4f}", flush=True)
     if a.large:
         with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
             r = run_large(a.large[0], a.large[1], a.dim, a.k, Path(tmp), a.large_shard_rows, a.max_memory_mb)
