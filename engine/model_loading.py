@@ -40,6 +40,19 @@ class LoadedModel:
         return self.image["resize"]
 
 
+def add_model_flags(p, vocab_help: str = "tokenizer folder or vocab.txt (default: the one the model file "
+                    "carries)", context_help: str = "text tokens incl. [CLS]/[SEP]") -> None:
+    """The flags every tool that loads a trained model shares. Each defaults to None: the model file's
+    record says what it is (an explicit flag must agree with it; see load_model)."""
+    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
+                   f"(default: the model file's record, else {DEFAULT_VISION})")
+    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
+                   f"file's record, else {DEFAULT_TEXT})")
+    p.add_argument("--vocab", default=None, help=vocab_help)
+    p.add_argument("--context-length", type=int, default=None,
+                   help=f"{context_help} (default: the model file's, else {DEFAULT_CONTEXT})")
+
+
 def _tokenizer_from_record(record: Dict[str, Any]):
     from data.tokenizer import load_tokenizer
     from models.model_file import write_vocab

@@ -16,20 +16,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError  # noqa: E402
+from engine.model_loading import add_model_flags  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
-                   "(default: the model file's record, else ViT-B-16)")
-    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
-                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
+    add_model_flags(p, context_help="token ids per text, fixed in the export")
     p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
-    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (sizes a custom vocabulary)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="token ids per text, fixed in the export (default: the model file's, else 52)")
     p.add_argument("--output", required=True, help="folder for the .onnx files")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed feature difference")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError  # noqa: E402
+from engine.model_loading import add_model_flags  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -44,21 +45,15 @@ def check_store(store, loaded, where) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
-                   "(default: the model file's record, else ViT-B-16)")
-    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
-                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
+    add_model_flags(p, vocab_help="tokenizer folder or vocab.txt (default: the one the model file carries; "
+                    "needed with --queries for other weights)")
     p.add_argument("--weights", default=None,
                    help="whole model: our model_fp32.pt, a Chinese-CLIP .pt or an HF ChineseCLIP folder")
     p.add_argument("--run", default=None, help="a run dir of launch/train.py --export: its model_fp32.pt")
-    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (default: the one the model "
-                   "file carries; needed with --queries for other weights)")
     p.add_argument("--image-lmdb", default=None, help="image store (launch/build_lmdb.py) to encode")
     p.add_argument("--queries", default=None, help="MUGE queries jsonl to encode")
     p.add_argument("--output", required=True, help="folder for image_feats/ and text_feats/")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="text tokens incl. [CLS]/[SEP] (default: the model file's, else 52)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="model arithmetic (fp16 needs a GPU); features are re-normalised in fp32")
     p.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",

@@ -21,19 +21,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError  # noqa: E402
+from engine.model_loading import add_model_flags  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
-                   "(default: the model file's record, else ViT-B-16)")
-    p.add_argument("--text-model", default=None, help="text config name or JSON path (default: the model "
-                   "file's record, else RoBERTa-wwm-ext-base-chinese)")
+    add_model_flags(p)
     p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
-    p.add_argument("--vocab", default=None, help="tokenizer folder or vocab.txt (default: the one the model "
-                   "file carries)")
     p.add_argument("--classes", required=True, help="class names, one per line")
     p.add_argument("--labels", required=True, help='jsonl {"image_id": int, "label": class name}')
     src = p.add_mutually_exclusive_group(required=True)
@@ -42,8 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--templates", default=None, help="prompt templates, one per line with {} (replaces the built-in)")
     p.add_argument("--output", required=True, help="result JSON")
     p.add_argument("--top-k", type=int, default=5, help="the second accuracy cut-off (default 5)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="text tokens incl. [CLS]/[SEP] (default: the model file's, else 52)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
