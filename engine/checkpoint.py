@@ -201,13 +201,18 @@ def resolve(resume: str, ckpt_dir: Path) -> Tuple[Path, str]:
     return base, tag
 
 
-def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path]) -> Dict[str, Any]:
+def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path], universal: bool = False) -> Dict[str, Any]:
     """Load model/optimizer/scheduler state into a fresh engine, and this rank's RNG states from
-    rng_dir (the tag's folder; None: not restored); returns the client_state saved with it."""
+    rng_dir (the tag's folder; None: not restored); returns the client_state saved with it.
+    `universal`: the tag is DeepSpeed's universal form (another world size, engine.resume)."""
+    zero3_universal = universal and engine.zero_optimization_stage() == 3
+    decay = [g["weight_decay"] for g in engine.optimizer.optimizer.param_groups] if zero3_universal else None
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise InputError(f"could not load checkpoint {Path(load_dir) / tag}")
+    if zero3_universal:
+        _repair_zero3_universal_load(engine.optimizer.optimizer, decay)
     if rng_dir is None:
         return client_state or {}
     rng_file = Path(rng_dir) / f"rng_rank{dist.rank()}.pt"
@@ -216,6 +221,24 @@ def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path]) -> Dict[str,
     else:
         log.warning("%s missing: RNG states not restored (resume is exact only without dropout)", rng_file)
     return client_state or {}
+
+
+def _repair_zero3_universal_load(base_optimizer, weight_decay) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by comparing a 2 -> 1 rank
+    resume with the uninterrupted run step by step:
+    - it hands every ZeRO-3 sub-group's optimizer state one and the same `step` tensor, and Adam
+      increments it in place once per sub-group per step: from the second sub-group on (here: the
+      no-decay group) the bias correction runs ahead, and those weights ended ~2 % off after one
+      step. Each state gets its own copy.
+    - it copies param group 0's hyperparameters into every group, so the no-decay group would get
+      weight decay. Each group gets back its own (`weight_decay`, read before the load: the only
+      hyperparameter our groups differ in, engine.optim.param_groups)."""
+    for state in base_optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, wd in zip(base_optimizer.param_groups, weight_decay):
+        group["weight_decay"] = wd
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ What may change between the save and the resume:
   data stream then continues at the exact next sample: the sampler gives rank r of W the global
   positions j*W + r, so after S steps the consumed positions are [0, S*G) for any W, and each rank's
   start in the epoch is saved_start * W_old / W_new = steps x micro x accumulation (exact).
-  ZeRO 1/2 partition the optimizer state by rank, so such a resume goes through DeepSpeed's
-  universal checkpoint: rank 0 converts the tag once (deepspeed.checkpoint.ds_to_universal) into
-  <tag>/universal, atomically, and every rank loads that with "checkpoint": {"load_universal": true}.
-- nothing else: a different ZeRO stage or precision, global batch or data, and a ZeRO-3 checkpoint on
-  another world size (its universal load is not exact in DeepSpeed 0.19.8) are refused with one line
+  ZeRO 1/2/3 partition the optimizer state by rank, so such a resume goes through DeepSpeed's
+  universal checkpoint (ZeRO-3's load needs two repairs, checkpoint._repair_zero3_universal_load):
+  rank 0 converts the tag once (deepspeed.checkpoint.ds_to_universal) into <tag>/universal,
+  atomically, and every rank loads that with "checkpoint": {"load_universal": true}.
+- nothing else: a different ZeRO stage or precision, global batch or data are refused with one line
   saying what was saved, what is asked and how to go on (a new run from the exported fp32 weights).
 """
 from __future__ import annotations
@@ -114,13 +114,6 @@ def check(saved: Dict[str, Any], run: RunShape, where: str) -> None:
         # the consumed set after J samples per rank is not the same for another W.
         refuse(f"saved on {old.world_size} ranks with --shard-local, this run has {run.world_size}: the shard-local "
                "order depends on the world size", f"resume on {old.world_size} ranks, or " +
-               NEW_RUN_HINT.replace("to change it, ", ""))
-    if old.world_size != run.world_size and run.zero_stage == 3:
-        # Measured with DeepSpeed 0.19.8: the universal load restores ZeRO-3 weights but not the
-        # optimizer state exactly (the update after the resume differs); ZeRO 1/2 match to 1e-7.
-        refuse(f"saved on {old.world_size} ranks, this run has {run.world_size}: a ZeRO-3 checkpoint cannot be "
-               "carried to another world size exactly (DeepSpeed's universal checkpoint does not restore its "
-               "optimizer state faithfully)", f"resume on {old.world_size} ranks, or " +
                NEW_RUN_HINT.replace("to change it, ", ""))
 
 

@@ -224,7 +224,7 @@ class Trainer:
         load_dir, tag = p.load_dir_and_tag
         same_world = int(p.saved["world_size"]) == self.cfg.world_size
         # Another world size: rank r's saved RNG streams belong to another split of the batch.
-        checkpoint.load(self.engine, load_dir, tag, rng_dir=p.source if same_world else None)
+        checkpoint.load(self.engine, load_dir, tag, rng_dir=p.source if same_world else None, universal=p.universal)
         self.run_id = p.saved.get("run_id") or self.run_id  # checkpoints from before run ids: a new id
         epoch, step_in_epoch = resume.data_position(p.saved, self.shape, steps_per_epoch)
         if not same_world:
