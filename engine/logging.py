@@ -7,11 +7,12 @@ it `import logging` still means the standard library (absolute imports).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 LOGGER_NAME = "clip"
 
@@ -102,7 +103,11 @@ class ScalarWriter:
             from tensorboardX.event_file_writer import EventsWriter
 
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self._writer = EventsWriter(str(Path(log_dir) / "events"))
+            # The file is named by the second it was opened in; two writers in one second (a quick
+            # relaunch) would truncate each other's file. The nanoseconds within that second keep
+            # them apart and in time order (TensorBoard reads a folder's files in name order).
+            suffix = f".{time.time_ns() % 10 ** 9:09d}.{os.getpid()}"
+            self._writer = EventsWriter(str(Path(log_dir) / "events"), filename_suffix=suffix)
             self._flushed = time.monotonic()
 
     def add(self, step: int, values: Dict[str, Optional[float]]) -> None:
@@ -118,6 +123,19 @@ class ScalarWriter:
         if time.monotonic() - self._flushed > self.FLUSH_SECS:
             self.flush()
 
+    def restart_at(self, step: int) -> None:
+        """Tell TensorBoard that this run continues at `step`: it drops the points of step >= `step`
+        written before (a SessionLog START event, what SummaryWriter(purge_step=...) writes). A
+        resume re-runs the steps between its checkpoint and the kill; without this their points
+        would appear twice, the old and the new value side by side."""
+        if self._writer is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._writer.write_event(Event(wall_time=time.time(), step=int(step),
+                                       session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
@@ -129,15 +147,14 @@ class ScalarWriter:
             self._writer = None
 
 
-def read_scalars(log_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
-    """Read back every scalar from the TensorBoard event files in log_dir: {tag: [(step, value)]}.
+def read_events(log_dir: Path) -> Iterator:
+    """Every event in the TensorBoard event files of log_dir, files in name (= time) order.
 
     Parses the TFRecord framing (length, crc, payload, crc) with tensorboardX's Event proto, so it
     needs neither TensorFlow nor the tensorboard package.
     """
     from tensorboardX.proto.event_pb2 import Event
 
-    out: Dict[str, List[Tuple[int, float]]] = {}
     for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
@@ -147,8 +164,20 @@ def read_scalars(log_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
             pos += 12 + length + 4
             if len(payload) < length:  # a record cut short by a crash: stop here
                 break
-            event = Event.FromString(payload)
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+            yield Event.FromString(payload)
+
+
+def read_scalars(log_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Every scalar in log_dir as TensorBoard shows it: {tag: [(step, value)]}. Like TensorBoard, a
+    SessionLog START event at step s (ScalarWriter.restart_at) drops the points of step >= s read
+    before it."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    out: Dict[str, List[Tuple[int, float]]] = {}
+    for event in read_events(log_dir):
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            out = {tag: [p for p in points if p[0] < event.step] for tag, points in out.items()}
+        for v in event.summary.value:
+            if v.HasField("simple_value"):
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out

@@ -204,6 +204,8 @@ class Trainer:
 
         # Every start-up check passed: only now does the run dir appear (a failed start leaves none).
         self.tb = rundir.create(cfg.run_dir, cfg.overwrite)
+        if cfg.resume:  # the steps after the checkpoint are logged anew: TensorBoard drops the old points
+            self.tb.restart_at(engine.global_steps + 1)
         if main:
             write_config(cfg, {"micro_batch": micro, "grad_accum": gas, "global_batch": cfg.ds.global_batch,
                                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from engine.logging import read_scalars
+from engine.logging import read_events, read_scalars
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import REPO, assert_all_ok, base_env, run_ranks
 
@@ -61,6 +61,10 @@ def test_rerun_refused_points_survive_a_kill_and_only_own_checkpoints_are_pruned
         "step_00000001", "step_00000005", "step_00000006", "step_00000009"]  # step_00000004 was its own
     assert (ckpt / "step_00000005" / "mp_rank_00_model_states.pt").read_bytes() == b"someone's work"
     assert [s for s, _ in read_scalars(run / "tensorboard")["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    # the resume told TensorBoard it continues at step 5: points of step >= 5 written before the kill
+    # (had there been any) are dropped, not shown beside the new ones (tests/unit/test_tensorboard_log.py)
+    restarts = [e.step for e in read_events(run / "tensorboard") if e.HasField("session_log")]
+    assert restarts == [5], restarts
 
     # --overwrite: a fresh run in r; the old one, every file of it, in r.old-<time>
     before = _snapshot(run)
