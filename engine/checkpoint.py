@@ -136,17 +136,22 @@ def _tag_bytes(tag_dir: Path) -> int:
     return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file()) if tag_dir.is_dir() else 0
 
 
+def _disk_full(error: Exception, free: int, need: int) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT say so; torch's and DeepSpeed's writers
+    only say 'iostream error' / 'file write failed', so there less room left than the write needed
+    (or under 16 MiB) counts as full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return free < max(need, 16 << 20)
+
+
 def _no_space_or(error: Exception, ckpt_dir: Path, tag: str) -> Exception:
     """A NoSpaceError when the disk is full (ENOSPC/EDQUOT, or DeepSpeed's opaque 'iostream error'
     while less space is left than the last checkpoint took), else the error itself."""
     latest = ckpt_dir / LATEST
     previous = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
     free = shutil.disk_usage(ckpt_dir).free
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full:
-        need = _tag_bytes(ckpt_dir / previous) if previous else 0
-        full = free < max(need, 16 << 20)
-    if not full:
+    if not _disk_full(error, free, _tag_bytes(ckpt_dir / previous) if previous else 0):
         return error
     kept = (f"the last complete checkpoint {previous} stays `latest` (resume with --resume latest once "
             f"there is room)" if previous else "no earlier checkpoint of this run exists")
@@ -284,6 +289,15 @@ def export_fp32(engine, path: Path, record: Optional[Dict[str, Any]] = None) -> 
 
     state = consolidated_fp32_state_dict(engine)
     if state is not None:
-        save_model_file(state, record, path)
+        try:
+            save_model_file(state, record, path)
+        except (OSError, RuntimeError) as e:
+            free = shutil.disk_usage(Path(path).parent).free
+            if not _disk_full(e, free, sum(t.numel() * t.element_size() for t in state.values())):
+                raise
+            raise NoSpaceError(f"no space left on {Path(path).parent} while writing {path} ({free / 2**20:.0f} MiB "
+                               f"free; {type(e).__name__}: {e}); nothing was written there (the write is atomic) "
+                               "and the run's checkpoints are intact: make room, then write the weights from the last "
+                               "one with the zero_to_fp32.py beside them") from None
     dist.barrier()
     return Path(path) if state is not None else None

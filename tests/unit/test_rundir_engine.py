@@ -112,6 +112,36 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_latest(tmp_path, monke
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
 
 
+def test_disk_full_during_the_export_names_the_path_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(checkpoint, "consolidated_fp32_state_dict", lambda engine: {"w": torch.ones(4)})
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *a, **kw):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half")  # the start of the zip, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    target = tmp_path / "run" / "model_fp32.pt"
+    target.parent.mkdir()
+    with pytest.raises(checkpoint.NoSpaceError) as e:
+        checkpoint.export_fp32(None, target, record=None)
+    msg = str(e.value)
+    assert msg.startswith(f"no space left on {target.parent} while writing {target}") and "\n" not in msg
+    assert "zero_to_fp32.py" in msg
+    assert list(target.parent.iterdir()) == []  # no half-written model file, under any name
+
+    # a failure with room to spare is not dressed up as a full disk
+    monkeypatch.setattr(torch, "save", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else") as e:
+        checkpoint.export_fp32(None, target, record=None)
+    assert not isinstance(e.value, checkpoint.NoSpaceError)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoint.export_fp32(None, target, record=None) == target and target.is_file()
+
+
 def test_a_save_moves_a_complete_tag_in_its_way_aside_and_clears_debris(tmp_path):
     """Resumed from an older step, a run meets its old future: that complete tag is work (moved
     aside); a half-written one is a crashed save's debris (removed)."""
