@@ -53,7 +53,7 @@ def build_optimizer(groups: List[Dict], lr: float, on_gpu: bool, offload: bool) 
 
     offload (ZeRO-Offload): DeepSpeedCPUAdam, the only one DeepSpeed accepts there.
     GPU: apex FusedAdam, else DeepSpeed FusedAdam (JIT-built), else torch's fused AdamW.
-    CPU: torch AdamW (no compile step).
+    CPU: torch AdamW with its fused CPU kernel (no compile step).
     """
     # DeepSpeed's optimizers take plain dict groups; drop our cosmetic "name" key for them.
     plain = [{k: v for k, v in g.items() if k != "name"} for g in groups]
@@ -72,7 +72,9 @@ def build_optimizer(groups: List[Dict], lr: float, on_gpu: bool, offload: bool) 
         except Exception as e:  # no nvcc/ninja to JIT-build the op: torch's fused kernel needs none
             log.warning("DeepSpeed FusedAdam unavailable (%s); using torch AdamW(fused=True)", e)
             return torch.optim.AdamW(plain, lr=lr, betas=BETAS, eps=EPS, fused=True), "torch AdamW (fused)"
-    return torch.optim.AdamW(plain, lr=lr, betas=BETAS, eps=EPS), "torch AdamW"
+    # torch's fused CPU kernel: the demo model's AdamW step took 3.4 ms against 12.7 (single-tensor,
+    # torch's CPU default) at 1 thread, ~6 % of a training step (README "Speed").
+    return torch.optim.AdamW(plain, lr=lr, betas=BETAS, eps=EPS, fused=True), "torch AdamW (fused)"
 
 
 class WarmupCosine:

@@ -3,7 +3,9 @@
 1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.accumulation.ContrastiveStep,
    exactly what the trainer runs) against a plain PyTorch loop (model, ClipLoss, AdamW with the same
    parameter groups, grad clipping, LambdaLR) on the same model and the same in-memory batches, one
-   process. Data loading is left out of both: it is the same code either way.
+   process, and against the peer baseline: open_clip's CLIP at our towers' sizes with its ClipLoss in
+   the same plain loop (when open_clip is installed). The loops take turns step by step. Data loading
+   is left out: it is the same code either way.
 2. Memory: for ZeRO stages 0/1/2/3 on 2 gloo ranks, per rank: the bytes of the Adam state
    (exp_avg, exp_avg_sq) and of the fp32 master partition the optimizer holds, and the process's
    peak RSS after a few steps.
@@ -12,8 +14,8 @@
   python tests/benchmarks/bench_engine.py --part overhead --steps 40
   python tests/benchmarks/bench_engine.py --part memory --vision ViT-B-16 --text RBT3-chinese
 
-Set OMP_NUM_THREADS for the overhead part to the cores you want to use (the numbers in
-docs/training.md say which).
+Set OMP_NUM_THREADS for the overhead part to the cores you want to use (README "Speed" gives the
+figures at 1 and 2 threads).
 """
 from __future__ import annotations
 
@@ -55,21 +57,60 @@ def _prep(batch):
     return normalize_uint8(batch[0]), batch[1]
 
 
-def _time_steps(step_fn, batches, warmup: int) -> float:
+def _optimizer(model):
+    """Our optimizer (AdamW, our parameter groups) and warm-up + cosine schedule, the same in every loop."""
+    from engine.optim import build_optimizer, param_groups, scheduler_factory
+
+    opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+    return opt, scheduler_factory(10, 1000)
+
+
+def _plain_step(model, loss_fn, features):
+    """One step of a plain PyTorch loop: forward, loss, backward, grad clipping, AdamW, schedule.
+    features(model output) -> (image features, text features, exp(logit scale)); the plain loop of our
+    model and the open_clip peer differ only in it and in the loss."""
+    import torch
+
+    opt, schedule = _optimizer(model)
+    sched = schedule(opt)
+
+    def step(b):
+        x, t = _prep(b)
+        loss = loss_fn(*features(model(x, t)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return step
+
+
+def time_interleaved(steppers: dict, batches, warmup: int, repeats: int) -> dict:
+    """Seconds per step of each stepper, taking turns step by step on the same batches (the order
+    rotates every step), so that load from other jobs on a shared machine hits every loop alike."""
+    names = list(steppers)
     for b in batches[:warmup]:
-        step_fn(b)
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        step_fn(b)
-    return (len(batches) - warmup) / (time.perf_counter() - t0)
+        for n in names:
+            steppers[n](b)
+    times = {n: [] for n in names}
+    i = 0
+    for _ in range(repeats):
+        for b in batches[warmup:]:
+            for n in names[i % len(names):] + names[:i % len(names)]:
+                t0 = time.perf_counter()
+                steppers[n](b)
+                times[n].append(time.perf_counter() - t0)
+            i += 1
+    return times
 
 
 def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeats: int) -> dict:
+    import statistics
+
     import torch
 
     from engine import dist
     from engine.accumulation import ContrastiveStep
-    from engine.optim import build_optimizer, param_groups, scheduler_factory
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
@@ -79,92 +120,63 @@ def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeat
     torch.manual_seed(0)
     init = build_clip(vision, text).state_dict()
 
-    def plain_loop():
+    def ours():
         model = build_clip(vision, text)
         model.load_state_dict(init)
-        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
-        sched = scheduler_factory(10, 1000)(opt)
-        loss_fn = ClipLoss()
+        return model
 
-        def step(b):
-            x, t = _prep(b)
-            out = model(x, t)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        return step
-
-    def engine_loop():
-        model = build_clip(vision, text)
-        model.load_state_dict(init)
-        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
+    def engine_step():
+        model = ours()
+        opt, schedule = _optimizer(model)
         cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
                "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
-                                          lr_scheduler=scheduler_factory(10, 1000), dist_init_required=False)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, lr_scheduler=schedule,
+                                          dist_init_required=False)
         stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=_prep)
         return lambda b: stepper.run([b])
 
-    # Alternate the loops so drift in machine load hits all alike; keep the best of each.
-    peer = _open_clip_loop(vision, text, batches[0][1].shape[1])
-    plain, eng, oc = [], [], []
-    for _ in range(repeats):
-        plain.append(_time_steps(plain_loop(), batches, warmup))
-        eng.append(_time_steps(engine_loop(), batches, warmup))
-        if peer:
-            oc.append(_time_steps(peer(), batches, warmup))
-    p, e = max(plain), max(eng)
-    return {"model": f"{vision} + {text}", "batch": batch, "threads": torch.get_num_threads(),
-            "plain_steps_s": p, "engine_steps_s": e, "overhead_pct": 100 * (p / e - 1),
-            "plain_all": plain, "engine_all": eng, "open_clip_steps_s": max(oc) if oc else None,
-            "open_clip_all": oc, "engine_vs_open_clip": e / max(oc) if oc else None}
-
-
-def _open_clip_loop(vision: str, text: str, context: int):
-    """The peer baseline: open_clip's CLIP (ViT + its causal text transformer) at our towers' widths,
-    depths, heads and MLP sizes, with its ClipLoss, in a plain loop; None without open_clip
-    (pip install -r tests/benchmarks/requirements.txt)."""
-    try:
-        import open_clip  # noqa: F401
+    steppers = {"plain": _plain_step(ours(), ClipLoss(),
+                                     lambda o: (o["image_features"], o["text_features"], o["logit_scale"])),
+                "engine": engine_step()}
+    peer = _open_clip_model(vision, text, batches[0][1].shape[1])
+    if peer is not None:
         from open_clip.loss import ClipLoss as OpenClipLoss
+
+        steppers["open_clip"] = _plain_step(peer, OpenClipLoss(), lambda o: o)
+    times = time_interleaved(steppers, batches, warmup, repeats)
+    rate = {n: 1 / statistics.median(t) for n, t in times.items()}  # steps/s from the median step
+    total = {n: len(t) / sum(t) for n, t in times.items()}          # steps/s over all timed steps
+    p, e, oc = rate["plain"], rate["engine"], rate.get("open_clip")
+    return {"model": f"{vision} + {text}", "batch": batch, "threads": torch.get_num_threads(),
+            "timed_steps": len(times["engine"]), "plain_steps_s": p, "engine_steps_s": e,
+            "overhead_pct": 100 * (p / e - 1), "open_clip_steps_s": oc,
+            "engine_vs_open_clip": e / oc if oc else None, "mean_rate": total,
+            "load_average": os.getloadavg(), "step_seconds": times}
+
+
+def _open_clip_model(vision: str, text: str, context: int):
+    """The peer baseline's model: open_clip's CLIP (ViT + its causal text transformer) at our towers'
+    widths, depths, heads and MLP sizes; None without open_clip (pip install -r
+    tests/benchmarks/requirements.txt). Its forward returns (image features, text features,
+    exp(logit scale)), as ours returns them in a dict."""
+    try:
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
     except ImportError:
         print("open_clip not installed: no peer baseline (pip install -r tests/benchmarks/requirements.txt)")
         return None
     import torch
 
-    from engine.optim import build_optimizer, param_groups, scheduler_factory
     from models import load_text_config, load_vision_config
 
     vc, tc = load_vision_config(vision), load_text_config(text)
-
-    def make():
-        torch.manual_seed(0)
-        model = CLIP(embed_dim=vc.embed_dim, quick_gelu=vc.act == "quick_gelu",
-                     vision_cfg=CLIPVisionCfg(layers=vc.vision_layers, width=vc.vision_width,
-                                              head_width=vc.vision_width // vc.vision_heads,
-                                              patch_size=vc.vision_patch_size, image_size=vc.image_resolution),
-                     text_cfg=CLIPTextCfg(context_length=context, vocab_size=tc.vocab_size, width=tc.hidden_size,
-                                          heads=tc.num_attention_heads, layers=tc.num_hidden_layers,
-                                          mlp_ratio=tc.intermediate_size / tc.hidden_size))
-        opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
-        sched = scheduler_factory(10, 1000)(opt)
-        loss_fn = OpenClipLoss()
-
-        def step(b):
-            x, t = _prep(b)
-            image_features, text_features, scale = model(x, t)
-            loss = loss_fn(image_features, text_features, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        return step
-    return make
+    torch.manual_seed(0)
+    return CLIP(embed_dim=vc.embed_dim, quick_gelu=vc.act == "quick_gelu",
+                vision_cfg=CLIPVisionCfg(layers=vc.vision_layers, width=vc.vision_width,
+                                         head_width=vc.vision_width // vc.vision_heads,
+                                         patch_size=vc.vision_patch_size, image_size=vc.image_resolution),
+                text_cfg=CLIPTextCfg(context_length=context, vocab_size=tc.vocab_size, width=tc.hidden_size,
+                                     heads=tc.num_attention_heads, layers=tc.num_hidden_layers,
+                                     mlp_ratio=tc.intermediate_size / tc.hidden_size))
 
 
 def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out: str) -> None:
@@ -266,8 +278,10 @@ def main() -> int:
               f"| {r['model']} | {r['batch']} | {r['threads']} | {r['plain_steps_s']:.2f} | "
               f"{r['engine_steps_s']:.2f} | {r['overhead_pct']:+.1f}% | {f'{oc:.2f}' if oc else 'n/a'} | "
               f"{f'{ratio:.3f}' if oc else 'n/a'} |")
-        print("all runs (steps/s): plain", [round(v, 2) for v in r["plain_all"]], "engine",
-              [round(v, 2) for v in r["engine_all"]], "open_clip", [round(v, 2) for v in r["open_clip_all"]])
+        m = r["mean_rate"]
+        print(f"{r['timed_steps']} timed steps per loop, interleaved step by step; steps/s from the median "
+              f"step (from the mean: " + ", ".join(f"{n} {v:.2f}" for n, v in m.items()) +
+              f"); load average {' '.join(f'{v:.2f}' for v in r['load_average'])} at the end")
     if a.part in ("all", "memory"):
         rows = memory(a.vision or "ViT-B-16", a.text or "RBT3-chinese", a.batch or 2, a.steps or 2)
         results["memory"] = rows

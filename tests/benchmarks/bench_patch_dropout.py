@@ -38,18 +38,27 @@ def build_data(work: Path, train_images: int, valid_images: int) -> Path:
     return data
 
 
-def train(work: Path, p: float, steps: int, epochs: int, name: str) -> dict:
+def train(work: Path, p: float, steps: int, epochs: int, name: str, extra=(), ranks: int = 1,
+          env=None) -> dict:
+    """One `launch/train.py` run of the demo model on the data under `work`; `extra`: more flags,
+    `ranks` > 1: through DeepSpeed's launcher (same interpreter), `env`: the environment (default ENV).
+    Returns samples/s (all ranks together) per logged window, their mean after the first, the final
+    valid recall and the intra-op threads the run chose."""
     data = work / "data"
-    cmd = [sys.executable, "launch/train.py", "--deepspeed_config", "ds_configs/cpu_demo_zero2_fp32.json",
+    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                "--master_port", str(29600 + os.getpid() % 300)] if ranks > 1 else []
+    cmd = [sys.executable, *launcher, "launch/train.py", "--deepspeed_config",
+           "ds_configs/cpu_demo_zero2_fp32.json",
            "--model", "ViT-demo-64", "--text-model", "BERT-demo", "--vocab", str(data / "vocab.txt"),
            "--train-data", str(data / "train_queries.jsonl"), "--train-img", str(work / "lmdb" / "train"),
            "--val-data", str(data / "valid_queries.jsonl"), "--val-img", str(work / "lmdb" / "valid"),
            "--epochs", str(epochs), "--max-steps", str(steps), "--lr", "1e-3", "--wd", "0.1",
            "--warmup", str(min(100, steps // 10)), "--context-length", "16", "--save-frequency", "0",
            "--val-every-steps", str(10 ** 9), "--log-every-steps", "10", "--logs", str(work / "runs"),
-           "--name", name, "--patch-dropout", str(p)]
+           "--name", f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}",  # runs never reuse a run dir
+           "--patch-dropout", str(p), *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV if env is None else env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
     if proc.returncode:
@@ -58,9 +67,10 @@ def train(work: Path, p: float, steps: int, epochs: int, name: str) -> dict:
     mr = re.findall(r"mean recall ([\d.]+) \(R@1 ([\d.]+)", out)
     steady = rates[1:] or rates  # the first window holds warm-up
     spe = re.search(r"(\d+) steps/epoch", out)
-    return {"p": p, "steps": steps, "wall_s": wall, "samples_s": sum(steady) / len(steady),
+    threads = re.search(r"intra-op threads per rank: (\d+ \(.*?\))", out)
+    return {"p": p, "steps": steps, "wall_s": wall, "samples_s": sum(steady) / len(steady), "windows": rates,
             "mean_recall": float(mr[-1][0]) if mr else None, "r1": float(mr[-1][1]) if mr else None,
-            "steps_per_epoch": int(spe.group(1))}
+            "steps_per_epoch": int(spe.group(1)), "threads": threads.group(1) if threads else None}
 
 
 def main() -> int:

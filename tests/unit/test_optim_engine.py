@@ -1,4 +1,5 @@
 """AdamW parameter groups (which tensors escape weight decay) and the warmup + cosine schedule."""
+import copy
 import math
 
 import pytest
@@ -51,6 +52,26 @@ def test_cpu_optimizer_is_torch_adamw_with_the_groups(model):
     assert isinstance(opt, torch.optim.AdamW) and "torch" in name
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert opt.param_groups[0]["betas"] == BETAS and opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_cpu_optimizer_steps_like_torch_reference_adamw(model):
+    """The fused CPU kernel we pick must update exactly as torch's single-tensor AdamW would."""
+    twin = copy.deepcopy(model)
+    opt, name = build_optimizer(param_groups(model, 0.05), lr=1e-3, on_gpu=False, offload=False)
+    assert opt.defaults["fused"] and "fused" in name
+    ref = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(twin, 0.05)],
+                            lr=1e-3, betas=BETAS, eps=opt.defaults["eps"], foreach=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # every tensor moved
 
 
 def test_warmup_then_cosine():
