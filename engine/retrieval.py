@@ -49,7 +49,8 @@ class _LazyModule:
 
 torch = _LazyModule("torch")
 dist = _LazyModule("engine.dist")  # imports torch
-CPU_TILE = (1024, 4096, 16)  # queries x images per CPU score tile, column groups scanned per tile
+CPU_TILE = (1280, 2048, 16)  # queries x images per CPU score tile, row groups scanned per tile
+CPU_CHUNKS_MULTIPLE = 4  # query chunks come in a multiple of this, so 1, 2 or 4 lanes share them evenly
 
 
 # ------------------------------------------------------------------------- exact selection ----
@@ -130,10 +131,10 @@ class Plan:
     query_chunk: int
     image_block: int
     group: int
-    # CPU path (engine/topk_cpu.py): cache-resident tiles of tile_queries x tile_images scores,
-    # scanned through maxima of tile_group strided column groups.
-    tile_queries: int = 1024
-    tile_images: int = 1024
+    # CPU path (engine/topk_cpu.py): cache-resident tiles of tile_images x tile_queries scores,
+    # scanned through maxima of tile_group strided row groups.
+    tile_queries: int = 1280
+    tile_images: int = 2048
     tile_group: int = 16
 
     def num_blocks(self, n_images: int) -> int:
@@ -179,8 +180,22 @@ def plan_blocks(n_queries: int, n_images: int, dim: int, k: int, max_memory_mb: 
     if image_block is None:  # no wider than the image set, rounded up to whole groups
         nb = min(nb, math.ceil(max(n_images, 1) / group) * group)
     # CPU tiles: never wider than the blocks asked for (so small explicit sizes test the tiling).
-    return Plan(query_chunk=qc, image_block=nb, group=group, tile_queries=min(qc, CPU_TILE[0]),
+    tq = _cpu_tile_queries(n_queries, query_chunk or CPU_TILE[0])
+    return Plan(query_chunk=qc, image_block=nb, group=group, tile_queries=tq,
                 tile_images=min(nb, CPU_TILE[1]), tile_group=min(group, CPU_TILE[2]))
+
+
+def _cpu_tile_queries(n_queries: int, query_chunk: int) -> int:
+    """Queries per CPU tile: at most CPU_TILE[0] and an explicit --query-chunk (the tiles are a
+    few MB whatever the memory budget), in a multiple of CPU_CHUNKS_MULTIPLE chunks of equal size
+    when there are enough queries, so that the lanes of engine/topk_cpu.py (one per core, whole
+    chunks each) get equal work: 5,000 queries are 4 chunks of 1,250, not 4 of 1,280 and one of
+    80. 1,250 x 2,048 tiles ran the one-thread matmuls at ~190 GFLOP/s, 625 x 2,048 at ~170."""
+    tq = max(1, min(query_chunk, CPU_TILE[0], n_queries))
+    chunks = -(-n_queries // tq)
+    if n_queries >= CPU_CHUNKS_MULTIPLE * 256 and chunks % CPU_CHUNKS_MULTIPLE:
+        chunks += CPU_CHUNKS_MULTIPLE - chunks % CPU_CHUNKS_MULTIPLE
+    return -(-n_queries // chunks)
 
 
 class _Scorer:
