@@ -326,3 +326,20 @@ def test_cpu_tiles_split_queries_evenly(n_q, query_chunk):
     if n_q >= 1024:
         assert chunks % 4 == 0
         assert n_q - (chunks - 1) * tq >= tq - chunks  # the last chunk is nearly full
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, "inf and -inf"])
+def test_non_finite_features_are_named_and_huge_finite_ones_pass(bad):
+    """The row-sum fast path of the finite check: +inf and -inf in one row sum to NaN, a NaN or
+    inf alone stays; a finite row whose sum overflows is not an error."""
+    from engine.retrieval import _check_finite
+
+    x = np.ones((6, 4), np.float32)
+    x[2] = np.finfo(np.float32).max  # finite, sums to inf
+    _check_finite(x, "image", 0, None)
+    if bad == "inf and -inf":
+        x[4, 0], x[4, 1] = np.inf, -np.inf
+    else:
+        x[4, 3] = bad
+    with pytest.raises(InputError, match="image row 14 has a NaN"):
+        _check_finite(x, "image", 10, None)
