@@ -189,8 +189,9 @@ def _cpu_tile_queries(n_queries: int, query_chunk: int) -> int:
     """Queries per CPU tile: at most CPU_TILE[0] and an explicit --query-chunk (the tiles are a
     few MB whatever the memory budget), in a multiple of CPU_CHUNKS_MULTIPLE chunks of equal size
     when there are enough queries, so that the lanes of engine/topk_cpu.py (one per core, whole
-    chunks each) get equal work: 5,000 queries are 4 chunks of 1,250, not 4 of 1,280 and one of
-    80. 1,250 x 2,048 tiles ran the one-thread matmuls at ~190 GFLOP/s, 625 x 2,048 at ~170."""
+    chunks each) get equal work: 5,000 queries are 4 chunks of 1,250 (not 3 of 1,280 and one of
+    1,160), 20,000 are 16 of 1,250. 1,250 x 2,048 tiles ran the one-thread matmuls at ~190
+    GFLOP/s, 625 x 2,048 at ~170."""
     tq = max(1, min(query_chunk, CPU_TILE[0], n_queries))
     chunks = -(-n_queries // tq)
     if n_queries >= CPU_CHUNKS_MULTIPLE * 256 and chunks % CPU_CHUNKS_MULTIPLE:
