@@ -32,6 +32,7 @@ import numpy as np
 from data.files import InputError, atomic_write
 from engine.features import FeatureSource
 from engine.topk_cpu import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
+from engine.topk_cpu import even_query_chunk
 
 
 class _LazyModule:
@@ -50,7 +51,6 @@ class _LazyModule:
 torch = _LazyModule("torch")
 dist = _LazyModule("engine.dist")  # imports torch
 CPU_TILE = (1280, 2048, 16)  # queries x images per CPU score tile, row groups scanned per tile
-CPU_CHUNKS_MULTIPLE = 4  # query chunks come in a multiple of this, so 1, 2 or 4 lanes share them evenly
 
 
 # ------------------------------------------------------------------------- exact selection ----
@@ -180,23 +180,9 @@ def plan_blocks(n_queries: int, n_images: int, dim: int, k: int, max_memory_mb: 
     if image_block is None:  # no wider than the image set, rounded up to whole groups
         nb = min(nb, math.ceil(max(n_images, 1) / group) * group)
     # CPU tiles: never wider than the blocks asked for (so small explicit sizes test the tiling).
-    tq = _cpu_tile_queries(n_queries, query_chunk or CPU_TILE[0])
+    tq = even_query_chunk(n_queries, min(query_chunk or CPU_TILE[0], CPU_TILE[0]))  # the tiles are a few MB
     return Plan(query_chunk=qc, image_block=nb, group=group, tile_queries=tq,
                 tile_images=min(nb, CPU_TILE[1]), tile_group=min(group, CPU_TILE[2]))
-
-
-def _cpu_tile_queries(n_queries: int, query_chunk: int) -> int:
-    """Queries per CPU tile: at most CPU_TILE[0] and an explicit --query-chunk (the tiles are a
-    few MB whatever the memory budget), in a multiple of CPU_CHUNKS_MULTIPLE chunks of equal size
-    when there are enough queries, so that the lanes of engine/topk_cpu.py (one per core, whole
-    chunks each) get equal work: 5,000 queries are 4 chunks of 1,250 (not 3 of 1,280 and one of
-    1,160), 20,000 are 16 of 1,250. 1,250 x 2,048 tiles ran the one-thread matmuls at ~190
-    GFLOP/s, 625 x 2,048 at ~170."""
-    tq = max(1, min(query_chunk, CPU_TILE[0], n_queries))
-    chunks = -(-n_queries // tq)
-    if n_queries >= CPU_CHUNKS_MULTIPLE * 256 and chunks % CPU_CHUNKS_MULTIPLE:
-        chunks += CPU_CHUNKS_MULTIPLE - chunks % CPU_CHUNKS_MULTIPLE
-    return -(-n_queries // chunks)
 
 
 class _Scorer:

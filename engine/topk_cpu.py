@@ -192,6 +192,22 @@ def lane_bounds(n_queries: int, query_chunk: int, lanes: int):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+CHUNKS_MULTIPLE = 4  # query chunks come in a multiple of this, so 1, 2 or 4 lanes share them evenly
+
+
+def even_query_chunk(n_queries: int, most: int) -> int:
+    """Queries per chunk, at most `most`, in a multiple of CHUNKS_MULTIPLE chunks of equal size
+    when there are enough queries, so that the lanes (whole chunks each) get equal work: 5,000
+    queries at most 1,280 are 4 chunks of 1,250 (not 3 of 1,280 and one of 1,160), 20,000 are
+    16 of 1,250. 1,250 x 2,048 tiles ran the one-thread matmuls at ~190 GFLOP/s, 625 x 2,048 at
+    ~170, so the chunks are not made smaller than needed."""
+    tq = max(1, min(most, n_queries))
+    chunks = -(-n_queries // tq)
+    if n_queries >= CHUNKS_MULTIPLE * 256 and chunks % CHUNKS_MULTIPLE:
+        chunks += CHUNKS_MULTIPLE - chunks % CHUNKS_MULTIPLE
+    return -(-n_queries // chunks)
+
+
 def search_blocks(queries: np.ndarray, read_block, blocks, k: int, query_chunk: int,
                   image_tile: int, group: int, on_block=None, lanes: Optional[int] = None
                   ) -> Tuple[np.ndarray, np.ndarray]:
