@@ -1,7 +1,8 @@
 """Exact top-k benchmark: our blocked search vs faiss IndexFlatIP vs the machine's matmul limit.
 
   python tests/benchmarks/bench_topk.py                       # 5k x 30k and 20k x 100k, D=512, fp32
-  python tests/benchmarks/bench_topk.py --large 100000 1000000 # + the streamed CLI run with its peak RSS
+  python tests/benchmarks/bench_topk.py --large 100000 1000000 # + the streamed CLI run with its peak RSS,
+                                                               #   then a faiss script on the same shards
 
 The matmul limit is measured in the same run: the best GFLOP/s of a bare fp32 GEMM (numpy/OpenBLAS
 and torch/MKL, at our block shape, 4096x4096 and 2048x16384, x D); time_limit = 2*Q*N*D / that. faiss is optional
@@ -113,9 +114,11 @@ def run_case(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: di
 
 
 def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows: int,
-              max_memory_mb: float) -> dict:
+              max_memory_mb: float, threads: int, with_faiss: bool) -> dict:
     """Write n_img image features as npz shards on disk, then time launch/retrieve.py streaming
-    them, and read its peak RSS (a child process, so this process's arrays do not count)."""
+    them, and read its peak RSS (a child process, so this process's arrays do not count); then
+    (with_faiss) the faiss script on the same shards: both whole processes, run one after the
+    other, once each."""
     rng = np.random.default_rng(2)
     img_dir = workdir / "img"
     n_shards = -(-n_img // shard_rows)
@@ -136,17 +139,32 @@ def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows:
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"queries": n_q, "images": n_img, "dim": dim, "k": k, "shards": n_shards,
-            "max_memory_mb": max_memory_mb, "cli_wall_s": wall,
-            "gflops": 2.0 * n_q * n_img * dim / wall / 1e9,
-            "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None, "data_gen_s": gen_s,
-            "cli_output": proc.stdout.strip()}
+    out = {"queries": n_q, "images": n_img, "dim": dim, "k": k, "shards": n_shards,
+           "max_memory_mb": max_memory_mb, "cli_wall_s": wall,
+           "gflops": 2.0 * n_q * n_img * dim / wall / 1e9,
+           "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None, "data_gen_s": gen_s,
+           "cli_output": proc.stdout.strip()}
+    if with_faiss and faiss is not None:  # the same shards through the minimal faiss script, once
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", FAISS_SCRIPT, str(img_dir), str(workdir / "txt.npz"), str(k),
+                               str(threads), str(workdir / "faiss_ids.npy")], capture_output=True, text=True)
+        out["faiss_wall_s"] = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(proc.stdout + proc.stderr)
+        pred = [json.loads(line)["item_ids"] for line in open(workdir / "pred.jsonl")]
+        fids = np.load(workdir / "faiss_ids.npy").tolist()
+        out["ours_over_faiss"] = wall / out["faiss_wall_s"]
+        out["faiss_agreement"] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(pred, fids)]))
+    return out
 
 
 FAISS_SCRIPT = """
-import sys, numpy as np, faiss
+import os, sys, numpy as np, faiss
 faiss.omp_set_num_threads(int(sys.argv[4]))
 def load(p):
+    if os.path.isdir(p):  # a folder of shards, in name order (part-00000-of-...)
+        parts = [load(os.path.join(p, f)) for f in sorted(os.listdir(p)) if f.endswith(".npz")]
+        return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
     z = np.load(p)
     return z["ids"], np.ascontiguousarray(z["feats"], dtype=np.float32)
 img_ids, img = load(sys.argv[1])
@@ -204,6 +222,7 @@ def main() -> None:
     p.add_argument("--large", type=int, nargs=2, metavar=("Q", "N"), default=None,
                    help="also run launch/retrieve.py on Q x N streamed from disk (e.g. 100000 1000000)")
     p.add_argument("--large-shard-rows", type=int, default=100_000)
+    p.add_argument("--large-no-faiss", action="store_true", help="--large without the faiss script's run")
     p.add_argument("--max-memory-mb", type=float, default=2048)
     p.add_argument("--query-chunk", type=int, default=None, help="override the planned block sizes")
     p.add_argument("--image-block", type=int, default=None)
@@ -245,11 +264,15 @@ def main() -> None:
                   f"ours/faiss {_spread(r['ours_over_faiss'])}, id agreement {r['agreement']:.4f}", flush=True)
     if a.large:
         with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
-            r = run_large(a.large[0], a.large[1], a.dim, a.k, Path(tmp), a.large_shard_rows, a.max_memory_mb)
+            r = run_large(a.large[0], a.large[1], a.dim, a.k, Path(tmp), a.large_shard_rows, a.max_memory_mb,
+                          a.threads, not a.large_no_faiss)
         results["large"] = r
+        faiss_part = (f"; faiss script on the same shards {r['faiss_wall_s']:.1f}s, ours/faiss "
+                      f"{r['ours_over_faiss']:.2f}, id agreement {r['faiss_agreement']:.4f}" if "faiss_wall_s" in r else "")
         print(f"streamed CLI {r['queries']} x {r['images']} x {a.dim} from {r['shards']} npz shards: "
               f"{r['cli_wall_s']:.1f}s ({r['gflops']:.0f} GFLOP/s end to end incl. loading), "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB with --max-memory-mb {r['max_memory_mb']:.0f}", flush=True)
+              f"peak RSS {r['peak_rss_mb']:.0f} MB with --max-memory-mb {r['max_memory_mb']:.0f}" + faiss_part,
+              flush=True)
     print(f"this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -312,3 +312,34 @@ def test_feature_record_round_trips_and_swapped_folders_are_refused(tmp_path, ca
              meta=np.frombuffer(json.dumps({"kind": "image", "dim": 4, "count": 9}).encode(), np.uint8))
     with pytest.raises(InputError, match="its record says 9 x 4"):
         open_features(tmp_path / "liar.npz")
+
+
+@pytest.mark.parametrize("n_q,query_chunk", [(5000, None), (20000, None), (100000, None), (1500, None),
+                                             (300, None), (5000, 64), (13, None)])
+def test_cpu_tiles_split_queries_evenly(n_q, query_chunk):
+    """CPU tile queries: never above 1,280 or an explicit --query-chunk; with enough queries the
+    chunks come in a multiple of 4 (1, 2 or 4 lanes get equal shares) and are all but equal."""
+    plan = plan_blocks(n_q, 30000, 512, 10, query_chunk=query_chunk)
+    tq = plan.tile_queries
+    chunks = -(-n_q // tq)
+    assert 1 <= tq <= min(1280, query_chunk or 1280, n_q)
+    if n_q >= 1024:
+        assert chunks % 4 == 0
+        assert n_q - (chunks - 1) * tq >= tq - chunks  # the last chunk is nearly full
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, "inf and -inf"])
+def test_non_finite_features_are_named_and_huge_finite_ones_pass(bad):
+    """The row-sum fast path of the finite check: +inf and -inf in one row sum to NaN, a NaN or
+    inf alone stays; a finite row whose sum overflows is not an error."""
+    from engine.retrieval import _check_finite
+
+    x = np.ones((6, 4), np.float32)
+    x[2] = np.finfo(np.float32).max  # finite, sums to inf
+    _check_finite(x, "image", 0, None)
+    if bad == "inf and -inf":
+        x[4, 0], x[4, 1] = np.inf, -np.inf
+    else:
+        x[4, 3] = bad
+    with pytest.raises(InputError, match="image row 14 has a NaN"):
+        _check_finite(x, "image", 10, None)

@@ -57,9 +57,9 @@ def test_fewer_images_than_k_pads_with_sentinels():
 
 
 def test_zero_and_negative_zero_scores_tie_by_row():
-    top = RunningTopK(1, 3, 1)
-    top.add_tile(np.array([[-0.0, 1.0]], np.float32), 0, 0)
-    top.add_tile(np.array([[0.0, -0.0]], np.float32), 0, 2)
+    top = RunningTopK(1, 3, 1)  # tiles are image-major: [images, queries]
+    top.add_tile(np.array([[-0.0], [1.0]], np.float32), 0, 0)
+    top.add_tile(np.array([[0.0], [-0.0]], np.float32), 0, 2)
     top.flush()
     assert top.rows.tolist() == [[1, 0, 2]]
 
@@ -106,3 +106,84 @@ def test_cli_in_one_cpu_process_does_not_import_torch(tmp_path):
     assert not re.search(r"\|\s+torch(\.|$)", proc.stderr, re.M), "torch was imported"
     got = [json.loads(line)["item_ids"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert got == (oracle(q, x, 10)[1] + 5).tolist()
+
+
+def test_rows_left_after_whole_groups_are_searched_too():
+    """Tiles of 30 rows with groups of 4: 28 rows by group maxima, the last 2 one by one."""
+    rng = np.random.default_rng(9)
+    q, x = tied_images(rng, 9, 16), tied_images(rng, 150, 16)
+    vals, rows = search_blocks(q, lambda b: (b * 75, x[b * 75:(b + 1) * 75]), [0, 1], 3, 9, 30, 4)
+    want_v, want_r = oracle(q, x, 3)
+    np.testing.assert_array_equal(rows, want_r)
+    np.testing.assert_array_equal(vals, want_v.astype(np.float32))
+
+
+@pytest.mark.parametrize("lanes,tq", [(2, 16), (3, 16), (3, 100), (4, 64)])
+def test_lanes_equal_oracle(lanes, tq):
+    """Queries split over lane threads (whole chunks each, uneven when the chunks do not divide)
+    give the one-lane result, ties across tiles included, and the BLAS threads come back."""
+    from engine.blas_threads import blas_threads
+    from engine.topk_cpu import lane_bounds
+
+    rng = np.random.default_rng(lanes * 100 + tq)
+    q, x = tied_images(rng, 300, 16), tied_images(rng, 700, 16)
+    bounds = lane_bounds(300, tq, lanes)
+    assert len(bounds) == min(lanes, -(-300 // tq)) and bounds[0][0] == 0 and bounds[-1][1] == 300
+    assert all(a % tq == 0 and b > a for a, b in bounds)  # whole chunks, none empty
+    before = blas_threads()
+    vals, rows = search_blocks(q, lambda b: (b * 256, x[b * 256:(b + 1) * 256]), [0, 1, 2], 10, tq, 48, 4,
+                               lanes=lanes)
+    assert blas_threads() == before
+    want_v, want_r = oracle(q, x, 10)
+    np.testing.assert_array_equal(rows, want_r)
+    np.testing.assert_array_equal(vals, want_v.astype(np.float32))
+
+
+def test_a_failing_lane_fails_the_search_and_restores_blas(monkeypatch):
+    import threading
+
+    import engine.topk_cpu as topk_cpu
+    from engine.blas_threads import blas_threads
+
+    real = topk_cpu._Lane.search_block
+
+    def fails_in_lane_thread(self, block, r0):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("lane broke")
+        real(self, block, r0)
+
+    monkeypatch.setattr(topk_cpu._Lane, "search_block", fails_in_lane_thread)
+    rng = np.random.default_rng(3)
+    q, x = tied_images(rng, 256, 8), tied_images(rng, 100, 8)
+    before = blas_threads()
+    with pytest.raises(RuntimeError, match="lane broke"):
+        search_blocks(q, lambda b: (0, x), [0], 5, 64, 32, 4, lanes=2)
+    assert blas_threads() == before
+
+
+def test_sort_keys_order_and_decode():
+    """The uint64 keys sort as (score desc, row asc) and give the scores back (-0.0 as 0.0)."""
+    from engine.topk_cpu import PAD_KEY, _key_scores, _sort_key
+
+    rng = np.random.default_rng(4)
+    v = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
+                        np.float32([0.0, -0.0, 1.0, 1.0, -1.0, np.finfo(np.float32).max])]).astype(np.float32)
+    r = rng.integers(0, 2**32 - 1, len(v))
+    keys = _sort_key(v, r)
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.lexsort((r, -v.astype(np.float64))))
+    np.testing.assert_array_equal(_key_scores(keys), v + np.float32(0.0))
+    assert _key_scores(np.array([PAD_KEY]))[0] == -np.inf and (keys < PAD_KEY).all()
+
+
+def test_blas_thread_section_is_one_thread_and_restored():
+    from engine.blas_threads import blas_threads, single_thread_blas
+
+    before = blas_threads()
+    if before is None:
+        pytest.skip("numpy's BLAS threads cannot be set here")
+    with single_thread_blas() as saved:
+        assert saved == before and blas_threads() == 1
+        with single_thread_blas():  # nested: still one, and the outer exit restores
+            assert blas_threads() == 1
+        assert blas_threads() == 1
+    assert blas_threads() == before
