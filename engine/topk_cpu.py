@@ -36,8 +36,56 @@ PAD_KEY = np.uint64(np.iinfo(np.uint64).max)  # sort key of a padding entry: aft
 MAX_ROWS = 0xFFFFFFFF  # rows must fit the low 32 bits of a sort key (and not collide with PAD_KEY)
 
 
-class RunningTopK:
-    """Per-query best k (scores desc, rows asc) over the tiles fed to `add_tile`."""
+class _TopK:
+    """What a running top-k gives back, from its sorted keys."""
+
+    def sorted_keys(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def result(self) -> Tuple[np.ndarray, np.ndarray]:
+        """([Q, k] float32 scores best first, -inf where fewer than k images were seen;
+        [Q, k] int64 image rows in that order, SENTINEL where there is none)."""
+        keys = self.sorted_keys()
+        rows = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        rows[keys == PAD_KEY] = SENTINEL
+        return _key_scores(keys), rows
+
+
+class HeapTopK(_TopK):
+    """Per-query best k over the tiles fed to `add_tile`, selected by the C scan of
+    engine/csrc/topk_heap.c (a heap per query); the same results as RunningTopK at less cost."""
+
+    def __init__(self, n_queries: int, k: int, scan):
+        self.k, self.scan = k, scan
+        self.heap_v = np.full((n_queries, k), -np.inf, np.float32)
+        self.heap_r = np.full((n_queries, k), SENTINEL, np.int64)
+        self.count = np.zeros(n_queries, np.int64)
+        self.thr = np.full(n_queries, -np.inf, np.float32)
+        # Addresses taken once: numpy's .ctypes per call costs about as much as scanning a small tile.
+        self._ptr = [a.ctypes.data for a in (self.heap_v, self.heap_r, self.count, self.thr)]
+
+    def add_tile(self, scores: np.ndarray, q0: int, r0: int) -> None:
+        """Scores [n, m] float32, C-contiguous and finite, of image rows r0..r0+n against queries
+        q0..q0+m; rows must come in ascending order per query."""
+        n, m = scores.shape
+        if scores.dtype != np.float32 or not scores.flags.c_contiguous or not 0 <= q0 <= len(self.thr) - m:
+            raise ValueError("add_tile needs a C-contiguous float32 tile of this top-k's queries")
+        hv, hr, cnt, thr = self._ptr
+        self.scan(scores.ctypes.data, n, m, r0, self.k, hv + q0 * self.k * 4, hr + q0 * self.k * 8,
+                  cnt + q0 * 8, thr + q0 * 4)
+
+    def flush(self) -> None:
+        """Nothing waits: the heaps are always up to date."""
+
+    def sorted_keys(self) -> np.ndarray:
+        keys = _sort_key(self.heap_v, self.heap_r)
+        keys[self.heap_r == SENTINEL] = PAD_KEY
+        return np.sort(keys, axis=1)
+
+
+class RunningTopK(_TopK):
+    """Per-query best k (scores desc, rows asc) over the tiles fed to `add_tile`, selected in
+    numpy: the fallback where the C scan cannot be built."""
 
     def __init__(self, n_queries: int, k: int, group: int):
         self.k, self.group = k, max(1, group)
@@ -101,17 +149,9 @@ class RunningTopK:
                                    kind="stable")
                 self._merge(q[order], v[order], r[order])
 
-    @property
-    def vals(self) -> np.ndarray:
-        """[Q, k] float32 scores, best first; -inf where fewer than k images were seen."""
-        return _key_scores(self.keys)
-
-    @property
-    def rows(self) -> np.ndarray:
-        """[Q, k] int64 image rows, in the order of `vals`; SENTINEL where there is none."""
-        rows = (self.keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        rows[self.keys == PAD_KEY] = SENTINEL
-        return rows
+    def sorted_keys(self) -> np.ndarray:
+        """[Q, k] sort keys of each query's best k, in canonical order (see _sort_key)."""
+        return self.keys
 
     def _merge(self, q: np.ndarray, v: np.ndarray, r: np.ndarray) -> None:
         """Merge candidates (query q ascending, score v, row r) into the running top-k."""
@@ -164,9 +204,9 @@ class _Lane:
     """The queries [a, b) of a search: their running top-k and a score buffer. Lanes never share
     state; each runs in its own thread."""
 
-    def __init__(self, queries: np.ndarray, k: int, query_chunk: int, image_tile: int, group: int):
+    def __init__(self, queries: np.ndarray, k: int, query_chunk: int, image_tile: int, group: int, scan):
         self.queries, self.query_chunk, self.image_tile = queries, query_chunk, image_tile
-        self.top = RunningTopK(len(queries), k, group)
+        self.top = HeapTopK(len(queries), k, scan) if scan else RunningTopK(len(queries), k, group)
         self.out = np.empty(min(query_chunk, len(queries)) * image_tile, np.float32)
 
     def search_block(self, block: np.ndarray, r0: int) -> None:
@@ -209,19 +249,26 @@ def even_query_chunk(n_queries: int, most: int) -> int:
 
 
 def search_blocks(queries: np.ndarray, read_block, blocks, k: int, query_chunk: int,
-                  image_tile: int, group: int, on_block=None, lanes: Optional[int] = None
-                  ) -> Tuple[np.ndarray, np.ndarray]:
+                  image_tile: int, group: int, on_block=None, lanes: Optional[int] = None,
+                  native: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k over image blocks on the CPU. `read_block(b)` returns (first row, fp32 rows [nb, D]
     C-contiguous) for block b; blocks must come in ascending row order. Each block is cut into
     tiles of `image_tile` rows; every tile x query chunk is one matmul into a reused buffer.
 
     `lanes` threads (default: numpy's BLAS threads, when they can be set) each take a share of
-    the query chunks, with the BLAS on one thread meanwhile; 1 lane keeps the BLAS's threads."""
-    from engine.blas_threads import blas_threads, single_thread_blas
+    the query chunks, with the BLAS on one thread meanwhile; 1 lane keeps the BLAS's threads.
 
+    `native`: select with the C scan (HeapTopK) when it can be built (None), always (True: an
+    error where it cannot), or never (False: numpy's RunningTopK, which uses `group`)."""
+    from engine.blas_threads import blas_threads, single_thread_blas
+    from engine.topk_native import kernel
+
+    scan = kernel() if native is not False else None
+    if native and scan is None:
+        raise RuntimeError("the C top-k scan is not available here (see the warning logged above)")
     if lanes is None:
         lanes = blas_threads() or 1
-    work = [_Lane(queries[a:b], k, query_chunk, image_tile, group)
+    work = [_Lane(queries[a:b], k, query_chunk, image_tile, group, scan)
             for a, b in lane_bounds(len(queries), query_chunk, lanes)]
     with single_thread_blas() if len(work) > 1 else nullcontext():
         last = -1
@@ -237,10 +284,10 @@ def search_blocks(queries: np.ndarray, read_block, blocks, k: int, query_chunk: 
                 on_block()
     for lane in work:
         lane.top.flush()
-    if len(work) == 1:
-        return work[0].top.vals, work[0].top.rows
-    return (np.concatenate([lane.top.vals for lane in work]),
-            np.concatenate([lane.top.rows for lane in work]))
+    results = [lane.top.result() for lane in work]
+    if len(results) == 1:
+        return results[0]
+    return np.concatenate([v for v, _ in results]), np.concatenate([r for _, r in results])
 
 
 def _run_lanes(work, block: np.ndarray, r0: int) -> None:

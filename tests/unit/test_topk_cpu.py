@@ -1,11 +1,21 @@
 """The CPU tiled top-k (engine/topk_cpu.py) against a full-sort oracle, at tile shapes that stress
-its shortcuts: ties split across tile boundaries, k larger than a tile, fewer images than k."""
+its shortcuts: ties split across tile boundaries, k larger than a tile, fewer images than k. Each
+search runs twice: with the C scan (HeapTopK) and with numpy's selection (RunningTopK)."""
 import numpy as np
 import pytest
 
 from engine.features import ArraySource
 from engine.retrieval import plan_blocks, search
-from engine.topk_cpu import SENTINEL, RunningTopK, search_blocks
+from engine.topk_cpu import SENTINEL, HeapTopK, RunningTopK, search_blocks
+from engine.topk_native import kernel
+
+
+@pytest.fixture(params=[True, False], ids=["c-scan", "numpy"])
+def native(request):
+    """Which selection search_blocks uses; the C one must build here (a compiler is required)."""
+    if request.param:
+        assert kernel() is not None, "the C top-k scan did not build (see the log)"
+    return request.param
 
 
 def oracle(q, x, k):
@@ -32,7 +42,7 @@ def tied_images(rng, n, d, distinct=7):
     (3, 64, 1, 1),     # one image per tile
     (10, 3, 40, 8),    # query chunk not dividing Q, tile not dividing the block
 ])
-def test_tiles_equal_oracle_with_ties_across_tiles(k, tq, ti, g):
+def test_tiles_equal_oracle_with_ties_across_tiles(k, tq, ti, g, native):
     rng = np.random.default_rng(k * 1000 + ti)
     q = (rng.integers(-2, 3, (23, 16)) / 8).astype(np.float32)
     x = tied_images(rng, 333, 16)
@@ -41,27 +51,43 @@ def test_tiles_equal_oracle_with_ties_across_tiles(k, tq, ti, g):
     def read(b):
         return b * 120, x[b * 120:(b + 1) * 120]
 
-    vals, rows = search_blocks(q, read, blocks, k, tq, ti, g)
+    vals, rows = search_blocks(q, read, blocks, k, tq, ti, g, native=native)
     want_v, want_r = oracle(q, x, k)
     np.testing.assert_array_equal(rows, want_r)
     np.testing.assert_array_equal(vals, want_v.astype(np.float32))
 
 
-def test_fewer_images_than_k_pads_with_sentinels():
+@pytest.mark.parametrize("k,ti", [(3, 16), (10, 40), (10, 1)])
+def test_ties_at_the_cut_then_better_entries(k, ti, native):
+    """Scores that climb in plateaus: the k-th place is tied when a better entry arrives, and the
+    tied entry with the highest row must be the one that leaves. Queries are one-hot, so each
+    query's scores are one column of the images, exactly."""
+    rng = np.random.default_rng(k * 10 + ti)
+    n, d = 300, 24
+    x = ((rng.integers(0, 3, (n, d)) + np.arange(n)[:, None] // 7) / 8).astype(np.float32)
+    q = np.eye(d, dtype=np.float32)
+    vals, rows = search_blocks(q, lambda b: (b * 100, x[b * 100:(b + 1) * 100]), [0, 1, 2], k, 8, ti, 2,
+                               native=native)
+    want_v, want_r = oracle(q, x, k)
+    np.testing.assert_array_equal(rows, want_r)
+    np.testing.assert_array_equal(vals, want_v.astype(np.float32))
+
+
+def test_fewer_images_than_k_pads_with_sentinels(native):
     rng = np.random.default_rng(5)
     q, x = tied_images(rng, 4, 8), tied_images(rng, 6, 8)
-    vals, rows = search_blocks(q, lambda b: (0, x), [0], 10, 4, 4, 2)
+    vals, rows = search_blocks(q, lambda b: (0, x), [0], 10, 4, 4, 2, native=native)
     want_v, want_r = oracle(q, x, 10)
     np.testing.assert_array_equal(rows, want_r)
     np.testing.assert_array_equal(vals, want_v.astype(np.float32))
 
 
-def test_zero_and_negative_zero_scores_tie_by_row():
-    top = RunningTopK(1, 3, 1)  # tiles are image-major: [images, queries]
+def test_zero_and_negative_zero_scores_tie_by_row(native):
+    top = HeapTopK(1, 3, kernel()) if native else RunningTopK(1, 3, 1)  # tiles: [images, queries]
     top.add_tile(np.array([[-0.0], [1.0]], np.float32), 0, 0)
     top.add_tile(np.array([[0.0], [-0.0]], np.float32), 0, 2)
     top.flush()
-    assert top.rows.tolist() == [[1, 0, 2]]
+    assert top.result()[1].tolist() == [[1, 0, 2]]
 
 
 def test_blocks_out_of_order_are_refused():
@@ -108,18 +134,19 @@ def test_cli_in_one_cpu_process_does_not_import_torch(tmp_path):
     assert got == (oracle(q, x, 10)[1] + 5).tolist()
 
 
-def test_rows_left_after_whole_groups_are_searched_too():
+def test_rows_left_after_whole_groups_are_searched_too(native):
     """Tiles of 30 rows with groups of 4: 28 rows by group maxima, the last 2 one by one."""
     rng = np.random.default_rng(9)
     q, x = tied_images(rng, 9, 16), tied_images(rng, 150, 16)
-    vals, rows = search_blocks(q, lambda b: (b * 75, x[b * 75:(b + 1) * 75]), [0, 1], 3, 9, 30, 4)
+    vals, rows = search_blocks(q, lambda b: (b * 75, x[b * 75:(b + 1) * 75]), [0, 1], 3, 9, 30, 4,
+                               native=native)
     want_v, want_r = oracle(q, x, 3)
     np.testing.assert_array_equal(rows, want_r)
     np.testing.assert_array_equal(vals, want_v.astype(np.float32))
 
 
 @pytest.mark.parametrize("lanes,tq", [(2, 16), (3, 16), (3, 100), (4, 64)])
-def test_lanes_equal_oracle(lanes, tq):
+def test_lanes_equal_oracle(lanes, tq, native):
     """Queries split over lane threads (whole chunks each, uneven when the chunks do not divide)
     give the one-lane result, ties across tiles included, and the BLAS threads come back."""
     from engine.blas_threads import blas_threads
@@ -132,7 +159,7 @@ def test_lanes_equal_oracle(lanes, tq):
     assert all(a % tq == 0 and b > a for a, b in bounds)  # whole chunks, none empty
     before = blas_threads()
     vals, rows = search_blocks(q, lambda b: (b * 256, x[b * 256:(b + 1) * 256]), [0, 1, 2], 10, tq, 48, 4,
-                               lanes=lanes)
+                               lanes=lanes, native=native)
     assert blas_threads() == before
     want_v, want_r = oracle(q, x, 10)
     np.testing.assert_array_equal(rows, want_r)
