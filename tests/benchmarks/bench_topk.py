@@ -63,6 +63,13 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
+def settle() -> None:
+    """Wait out the spinning of the BLAS/OpenMP worker threads that the previous measurement
+    left (OpenBLAS's spin for ~0.1 s after a multi-threaded call), so that they do not take a
+    core from the next one: each timing starts on a quiet machine, ours and faiss's alike."""
+    time.sleep(0.5)
+
+
 def gemm_gflops(m: int, n: int, d: int, repeats: int) -> dict:
     """Bare fp32 GEMM throughput at one block shape, numpy and torch."""
     rng = np.random.default_rng(0)
@@ -70,10 +77,11 @@ def gemm_gflops(m: int, n: int, d: int, repeats: int) -> dict:
     out = np.empty((m, n), np.float32)
     ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
     flops = 2.0 * m * n * d
-    np.matmul(a, b.T, out=out)
-    torch.mm(ta, tb.T, out=tout)
-    return {"numpy": flops / best_of(lambda: np.matmul(a, b.T, out=out), repeats) / 1e9,
-            "torch": flops / best_of(lambda: torch.mm(ta, tb.T, out=tout), repeats) / 1e9}
+    settle()
+    numpy_s = best_of(lambda: np.matmul(a, b.T, out=out), repeats + 1)  # the first run warms up
+    settle()
+    torch_s = best_of(lambda: torch.mm(ta, tb.T, out=tout), repeats + 1)
+    return {"numpy": flops / numpy_s / 1e9, "torch": flops / torch_s / 1e9}
 
 
 def run_case(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: dict) -> dict:
@@ -93,10 +101,12 @@ def run_case(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: di
         for m, n in shapes:  # the limit: the best GEMM rate at any of these shapes
             g = gemm_gflops(m, n, dim, 1)
             gemm = {key: max(gemm[key], g[key]) for key in g}
+        settle()
         t = time.perf_counter()
         result = search(q, src, k, plan)
         ours_t = min(ours_t, time.perf_counter() - t)
         if index is not None:
+            settle()
             t = time.perf_counter()
             _, fi = index.search(q, k)
             faiss_t = min(faiss_t, time.perf_counter() - t)
