@@ -17,9 +17,10 @@ holding one of the k best entries has a max at least that entry's score, and at 
 can rank above it (each would contribute a distinct better entry); ties between groups go to the
 lower group, i.e. the lower rows, like ties between entries.
 
-That block selection is the GPU path: image blocks are copied to the device and everything runs
-in torch there. On the CPU, `_search_cpu` hands the blocks to engine/topk_cpu.py instead
-(cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per query); same order, same grid.
+That block selection is the GPU path (`_search_blocks`): image blocks are copied to the device
+and everything runs in torch there. On the CPU, `_search_cpu` hands the blocks to
+engine/topk_cpu.py instead (cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per
+query selected in C); same order, same grid.
 """
 from __future__ import annotations
 
@@ -185,95 +186,6 @@ def plan_blocks(n_queries: int, n_images: int, dim: int, k: int, max_memory_mb: 
                 tile_images=min(nb, CPU_TILE[1]), tile_group=min(group, CPU_TILE[2]))
 
 
-class _Scorer:
-    """Score blocks: numpy/OpenBLAS on the CPU, torch.mm on a GPU.
-
-    A block of nb rows gives a score block of `padded` columns (a whole number of groups); the
-    padding columns hold -inf. On the CPU the matmul writes straight into the first nb columns
-    of the padded buffer (BLAS takes the row stride), so fp32 image rows are used where they lie,
-    without a copy; score blocks alternate between two buffers, so the selection of one runs
-    while the next is multiplied."""
-
-    def __init__(self, queries: np.ndarray, device: torch.device):
-        self.device = device
-        self.cpu = device.type == "cpu"
-        self.q = queries if self.cpu else torch.from_numpy(queries).to(device)
-        self.out = [np.empty(0, np.float32), np.empty(0, np.float32)]
-        self.turn = 0
-        self.blk = np.empty(0, np.float32)
-
-    def block(self, feats: np.ndarray):
-        if not self.cpu:  # upload as stored (fp16 halves the copy), compute in fp32 on the device
-            return torch.from_numpy(np.ascontiguousarray(feats)).to(self.device).float()
-        if feats.dtype == np.float32 and feats.flags.c_contiguous:
-            return feats
-        if self.blk.size < feats.size:
-            self.blk = np.empty(feats.size, np.float32)
-        b = self.blk[: feats.size].reshape(feats.shape)
-        b[...] = feats  # fp16 storage, fp32 arithmetic
-        return b
-
-    def scores(self, q0: int, q1: int, block, padded: int) -> torch.Tensor:
-        nb = block.shape[0]
-        if self.cpu:
-            need = (q1 - q0) * padded
-            self.turn ^= 1
-            if self.out[self.turn].size < need:
-                self.out[self.turn] = np.empty(need, np.float32)
-            out = self.out[self.turn][:need].reshape(q1 - q0, padded)
-            np.matmul(self.q[q0:q1], block.T, out=out[:, :nb])
-            s = torch.from_numpy(out)
-            s[:, nb:] = float("-inf")
-            return s
-        s = self.q[q0:q1] @ block.T
-        return torch.nn.functional.pad(s, (0, padded - nb), value=float("-inf")) if padded != nb else s
-
-
-class _Selector:
-    """Runs block selections + merges into the running top-k, in order. On the CPU in one worker
-    thread, overlapped with the next matmul (numpy releases the GIL): at 5k x 30k on 2 cores this
-    took us from ~0.88 to ~0.92 of the bare matmul speed. At most one selection is in flight, so
-    the other score buffer is free for the next matmul."""
-
-    def __init__(self, best_vals: torch.Tensor, best_rows: torch.Tensor, k: int, overlap: bool):
-        self.best_vals, self.best_rows, self.k = best_vals, best_rows, k
-        self.pending = None
-        self.pool = None
-        if overlap:
-            from concurrent.futures import ThreadPoolExecutor
-
-            # Selection is ~7% of the matmul work: a share of the threads keeps pace with BLAS.
-            threads = max(1, torch.get_num_threads() // 8)
-            self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
-
-    def submit(self, s: torch.Tensor, q0: int, q1: int, r0: int, nb: int, group: int) -> None:
-        if self.pool is None:
-            self._select(s, q0, q1, r0, nb, group)
-            return
-        self.wait()
-        self.pending = self.pool.submit(self._select, s, q0, q1, r0, nb, group)
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()  # re-raises a failure of the worker
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown()
-
-    def _select(self, s: torch.Tensor, q0: int, q1: int, r0: int, nb: int, group: int) -> None:
-        vals, cols = block_topk(s, self.k, group)
-        rows = torch.where(cols < nb, cols + r0, SENTINEL)
-        vals = torch.where(cols < nb, vals, float("-inf"))
-        cand_v = torch.cat([self.best_vals[q0:q1], vals], 1)
-        cand_r = torch.cat([self.best_rows[q0:q1], rows], 1)
-        self.best_vals[q0:q1], self.best_rows[q0:q1] = merge_topk(cand_v, cand_r, self.k)
-
-
 def _check_finite(x: np.ndarray, what: str, first_row: int, ids: Optional[np.ndarray]) -> None:
     # Fast path: a NaN or inf makes its row's sum NaN or inf (half the time of isfinite + all). A
     # finite row whose sum overflows only sends us to the exact check below. Not a matmul with
@@ -290,40 +202,50 @@ def _check_finite(x: np.ndarray, what: str, first_row: int, ids: Optional[np.nda
         raise InputError(f"{what} {name} has a NaN or infinite feature value")
 
 
-def search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
-           blocks: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-           progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over the given image blocks (all by default) for every query, on this process.
-
-    Returns (scores float32 [Q, k], rows int64 [Q, k]) on the CPU, in canonical order; entries
-    beyond the rows these blocks hold are (-inf, SENTINEL).
-    """
-    device = device or torch.device("cpu")
-    if device.type == "cuda":
-        # TF32 (if the trainer enabled it) rounds inputs to 10 mantissa bits: not exact enough to rank.
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            return _search(queries, images, k, plan, blocks, device, progress)
-        finally:
-            torch.set_float32_matmul_precision(previous)
-    return _search(queries, images, k, plan, blocks, device, progress)
-
-
-def _search(queries, images, k, plan, blocks, device, progress):
+def _checked_queries(queries: np.ndarray, images: FeatureSource) -> np.ndarray:
+    """The queries as C-contiguous fp32, after checking their dimension and values."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    n_q, n_img = len(queries), len(images)
     if queries.ndim != 2 or queries.shape[1] != images.dim:
         raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
     _check_finite(queries, "query", 0, None)
-    blocks = range(plan.num_blocks(n_img)) if blocks is None else blocks
-    if device.type == "cpu":
+    return queries
+
+
+def search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
+           blocks: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
+           progress: bool = False, torch_blocks: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the given image blocks (all by default) for every query, on this process.
+
+    Returns (scores float32 [Q, k], rows int64 [Q, k]) on the CPU, in canonical order; entries
+    beyond the rows these blocks hold are (-inf, SENTINEL). The CPU searches with engine/topk_cpu.py;
+    any other device with torch blocks (`_search_blocks`), which torch_blocks=True also asks for on
+    the CPU (so the GPU's path is tested without a GPU).
+    """
+    device = device or torch.device("cpu")
+    queries = _checked_queries(queries, images)
+    blocks = range(plan.num_blocks(len(images))) if blocks is None else blocks
+    if device.type == "cpu" and not torch_blocks:
         vals, rows = _search_cpu(queries, images, k, plan, blocks, progress)
         return torch.from_numpy(vals), torch.from_numpy(rows)
-    scorer = _Scorer(queries, device)
+    if device.type != "cuda":
+        return _search_blocks(queries, images, k, plan, blocks, device, progress)
+    # TF32 (if the trainer enabled it) rounds inputs to 10 mantissa bits: not exact enough to rank.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _search_blocks(queries, images, k, plan, blocks, device, progress)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _search_blocks(queries, images, k, plan, blocks, device, progress):
+    """The device search: each image block is uploaded as stored (fp16 halves the copy) and
+    multiplied in fp32 with each query chunk; `block_topk` selects from the [chunk, block] scores
+    (padded with -inf to whole groups) and `merge_topk` folds that into the running top-k."""
+    n_q, n_img = len(queries), len(images)
+    q_dev = torch.from_numpy(queries).to(device)
     best_vals = torch.full((n_q, k), float("-inf"), device=device)
     best_rows = torch.full((n_q, k), SENTINEL, dtype=torch.int64, device=device)
-    selector = _Selector(best_vals, best_rows, k, overlap=scorer.cpu)
     bar = _progress(len(blocks), progress)
     try:
         for b in blocks:
@@ -334,13 +256,17 @@ def _search(queries, images, k, plan, blocks, device, progress):
             nb = r1 - r0
             g = plan.group if nb > plan.group * k else 1  # a small last block is searched whole
             padded = max(math.ceil(nb / g) * g, k)  # at least k columns to choose from
-            block = scorer.block(raw)
+            block = torch.from_numpy(np.ascontiguousarray(raw)).to(device).float()
             for q0 in range(0, n_q, plan.query_chunk):
                 q1 = min(q0 + plan.query_chunk, n_q)
-                selector.submit(scorer.scores(q0, q1, block, padded), q0, q1, r0, nb, g)
+                s = torch.nn.functional.pad(q_dev[q0:q1] @ block.T, (0, padded - nb), value=float("-inf"))
+                vals, cols = block_topk(s, k, g)
+                rows = torch.where(cols < nb, cols + r0, SENTINEL)
+                vals = torch.where(cols < nb, vals, float("-inf"))
+                best_vals[q0:q1], best_rows[q0:q1] = merge_topk(
+                    torch.cat([best_vals[q0:q1], vals], 1), torch.cat([best_rows[q0:q1], rows], 1), k)
             bar.update(1)
     finally:
-        selector.close()
         bar.close()
     return best_vals.cpu(), best_rows.cpu()
 
@@ -379,10 +305,7 @@ def search_local(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
     importing torch. Needs at least k images."""
     if len(images) < k:
         raise InputError(f"top-{k} needs at least {k} images, the image features hold {len(images)}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != images.dim:
-        raise InputError(f"query features have dimension {queries.shape[-1]}, image features {images.dim}")
-    _check_finite(queries, "query", 0, None)
+    queries = _checked_queries(queries, images)
     return _search_cpu(queries, images, k, plan, range(plan.num_blocks(len(images))), progress)
 
 

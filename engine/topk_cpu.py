@@ -1,5 +1,8 @@
-"""Exact top-k on the CPU in numpy: small cache-resident score tiles, a running k-th best score per
-query, and a merge that only sees the entries above it.
+"""Exact top-k on the CPU: score tiles of a few MB, a running k-th best score per query, and a
+selection that only looks at the entries above it. Two selections give the same results:
+`HeapTopK`, a C scan into a heap per query (engine/csrc/topk_heap.c, built by topk_native.py),
+and `RunningTopK`, numpy's, used where the C scan cannot be built; this docstring describes the
+numpy one, whose design the C scan replaces with one compare per entry.
 
 Why: scoring a 1024 x 65536 block at once (268 MB) and selecting over it afterwards reads every
 score back from DRAM, which cost ~1/3 of the matmul time at 20k x 100k x 512. Here each matmul

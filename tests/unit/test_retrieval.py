@@ -56,9 +56,11 @@ def test_merge_topk_orders_ties_by_row_whatever_the_input_order():
     assert v.tolist() == [[2.0, 2.0, 2.0, 1.0]]
 
 
+@pytest.mark.parametrize("torch_blocks", [False, True], ids=["cpu-tiles", "torch-blocks"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("data", ["grid", "gaussian"])
-def test_search_equals_oracle_odd_sizes(dtype, data):
+def test_search_equals_oracle_odd_sizes(dtype, data, torch_blocks):
+    """Both searches: the CPU's tiles, and the torch blocks a GPU runs (here on the CPU)."""
     rng = np.random.default_rng(1 if data == "grid" else 2)
     make = grid_features if data == "grid" else gaussian
     cases = [  # (Q, N, D, k, query_chunk, image_block, group)
@@ -71,7 +73,7 @@ def test_search_equals_oracle_odd_sizes(dtype, data):
     for Q, N, D, k, qc, nb, g in cases:
         q, x = make(rng, Q, D, dtype), make(rng, N, D, dtype)
         plan = plan_blocks(Q, N, D, k, query_chunk=qc, image_block=nb, group=g)
-        vals, rows = search(q, ArraySource(np.arange(N) * 10, x), k, plan)
+        vals, rows = search(q, ArraySource(np.arange(N) * 10, x), k, plan, torch_blocks=torch_blocks)
         want = oracle_rows(q, x, k)
         np.testing.assert_array_equal(rows.numpy(), want, err_msg=str((Q, N, D, k, qc, nb, g)))
         exact = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, want, 1)
