@@ -5,7 +5,9 @@
                                                                #   then a faiss script on the same shards
 
 The matmul limit is measured in the same run: the best GFLOP/s of a bare fp32 GEMM (numpy/OpenBLAS
-and torch/MKL, at our block shape, 4096x4096 and 2048x16384, x D); time_limit = 2*Q*N*D / that. faiss is optional
+and torch/MKL, at our block shape, 4096x4096 and 2048x16384, x D); time_limit = 2*Q*N*D / that.
+Two fractions are printed: of numpy's limit (the BLAS our CPU search multiplies with, and the
+issue's yardstick) and of the best of both libraries (MKL's GEMM is ~5 % faster here). faiss is optional
 (pip install -r tests/benchmarks/requirements.txt); without it its columns say "n/a". Each timing is
 the best of --repeats runs, interleaved so that load from other processes hits all alike.
 """
@@ -111,16 +113,88 @@ def run_case(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: di
             _, fi = index.search(q, k)
             faiss_t = min(faiss_t, time.perf_counter() - t)
     limit_gflops = max(gemm.values())
+    numpy_limit_s = flops / gemm["numpy"] / 1e9
     out = {"queries": n_q, "images": n_img, "dim": dim, "k": k, "plan": [plan.query_chunk, plan.image_block],
            "ours_s": ours_t, "ours_gflops": flops / ours_t / 1e9,
            "gemm_gflops_numpy": gemm["numpy"], "gemm_gflops_torch": gemm["torch"],
-           "limit_s": flops / limit_gflops / 1e9, "fraction_of_matmul_limit": flops / limit_gflops / 1e9 / ours_t}
+           "limit_s": flops / limit_gflops / 1e9, "fraction_of_matmul_limit": flops / limit_gflops / 1e9 / ours_t,
+           "numpy_limit_s": numpy_limit_s, "fraction_of_numpy_limit": numpy_limit_s / ours_t}
     if index is not None:
         # Random unit vectors have no ties, so the id sets must agree (up to ~1 ulp reorderings).
         agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(result[1].numpy(), fi)]))
         out.update(faiss_s=faiss_t, faiss_over_ours=faiss_t / ours_t, faiss_agreement=agree,
-                   faiss_fraction_of_matmul_limit=flops / limit_gflops / 1e9 / faiss_t)
+                   faiss_fraction_of_matmul_limit=flops / limit_gflops / 1e9 / faiss_t,
+                   faiss_fraction_of_numpy_limit=numpy_limit_s / faiss_t)
     return out
+
+
+def run_selection_share(n_q: int, n_img: int, dim: int, k: int, repeats: int, plan_args: dict) -> dict:
+    """One lane on one BLAS thread, over the planned tiles: the bare matmul loop, then the same loop
+    with each selection (the C scan, numpy's), best of repeats each, interleaved. The difference is
+    what the selection costs, as a share of the matmul."""
+    from engine.blas_threads import single_thread_blas
+    from engine.topk_cpu import HeapTopK, RunningTopK
+    from engine.topk_native import kernel
+
+    rng = np.random.default_rng(4)
+    q, x = unit_rows(rng, n_q, dim), unit_rows(rng, n_img, dim)
+    plan = plan_blocks(n_q, n_img, dim, k, **plan_args)
+    tq, ti = plan.tile_queries, plan.tile_images
+    out = np.empty(tq * ti, np.float32)
+    scan = kernel()
+    makers = {"matmul only": lambda: None, "numpy": lambda: RunningTopK(n_q, k, plan.tile_group)}
+    if scan is not None:
+        makers["C scan"] = lambda: HeapTopK(n_q, k, scan)
+
+    def loop(top) -> None:
+        for q0 in range(0, n_q, tq):
+            for t0 in range(0, n_img, ti):
+                tile = x[t0:t0 + ti]
+                s = out[: len(tile) * min(tq, n_q - q0)].reshape(len(tile), -1)
+                np.matmul(tile, q[q0:q0 + tq].T, out=s)
+                if top is not None:
+                    top.add_tile(s, q0, t0)
+        if top is not None:
+            top.flush()
+
+    best = {name: float("inf") for name in makers}
+    with single_thread_blas():
+        for _ in range(repeats):
+            for name, make in makers.items():
+                top = make()
+                t = time.perf_counter()
+                loop(top)
+                best[name] = min(best[name], time.perf_counter() - t)
+    bare = best["matmul only"]
+    return {"queries": n_q, "images": n_img, "tile": [ti, tq], "seconds": best,
+            "share_of_matmul": {name: (v - bare) / bare for name, v in best.items() if name != "matmul only"}}
+
+
+# Runs a script (a path, or -c CODE) and then prints the process's peak RSS. Read from VmHWM, the
+# peak of the memory map exec made: getrusage's maxrss would also count the benchmark's own RSS,
+# which the child held between fork and exec.
+PEAK_WRAPPER = """
+import runpy, sys
+if sys.argv[1] == "-c":
+    code, sys.argv = sys.argv[2], ["-c"] + sys.argv[3:]
+else:
+    code, sys.argv = None, sys.argv[1:]
+try:
+    exec(compile(code, "<script>", "exec"), {"__name__": "__main__"}) if code else runpy.run_path(
+        sys.argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        sys.stderr.write("".join(line for line in f if line.startswith("VmHWM")))
+"""
+
+
+def run_with_peak(cmd):
+    """Run [python, script-or--c, args...]; (the finished process, its peak RSS in MB)."""
+    proc = subprocess.run([cmd[0], "-c", PEAK_WRAPPER, *cmd[1:]], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout + proc.stderr)
+    hwm = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("VmHWM")]
+    return proc, int(hwm[-1]) / 1024 if hwm else None
 
 
 def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows: int,
@@ -142,25 +216,19 @@ def run_large(n_q: int, n_img: int, dim: int, k: int, workdir: Path, shard_rows:
     cmd = [sys.executable, str(repo / "launch/retrieve.py"), "--image-feats", str(img_dir), "--text-feats",
            str(workdir / "txt.npz"), "--top-k", str(k), "--output", str(workdir / "pred.jsonl"),
            "--max-memory-mb", str(max_memory_mb), "--no-progress"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc, peak_mb = run_with_peak(cmd)
     wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout + proc.stderr)
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = {"queries": n_q, "images": n_img, "dim": dim, "k": k, "shards": n_shards,
            "max_memory_mb": max_memory_mb, "cli_wall_s": wall,
            "gflops": 2.0 * n_q * n_img * dim / wall / 1e9,
-           "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None, "data_gen_s": gen_s,
-           "cli_output": proc.stdout.strip()}
+           "peak_rss_mb": peak_mb, "data_gen_s": gen_s, "cli_output": proc.stdout.strip()}
     if with_faiss and faiss is not None:  # the same shards through the minimal faiss script, once
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", FAISS_SCRIPT, str(img_dir), str(workdir / "txt.npz"), str(k),
-                               str(threads), str(workdir / "faiss_ids.npy")], capture_output=True, text=True)
+        proc, out["faiss_peak_rss_mb"] = run_with_peak(
+            [sys.executable, "-c", FAISS_SCRIPT, str(img_dir), str(workdir / "txt.npz"), str(k), str(threads),
+             str(workdir / "faiss_ids.npy")])
         out["faiss_wall_s"] = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise SystemExit(proc.stdout + proc.stderr)
         pred = [json.loads(line)["item_ids"] for line in open(workdir / "pred.jsonl")]
         fids = np.load(workdir / "faiss_ids.npy").tolist()
         out["ours_over_faiss"] = wall / out["faiss_wall_s"]
@@ -240,6 +308,8 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where --large writes its features (default: a temp dir)")
     p.add_argument("--processes", action="store_true",
                    help="also time whole processes per size: launch/retrieve.py vs a faiss script on npz files")
+    p.add_argument("--selection", action="store_true",
+                   help="also time the selection alone per size: one lane, one thread, C scan vs numpy vs bare matmul")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
 
@@ -249,19 +319,30 @@ def main() -> None:
     print(f"threads {a.threads}, torch {torch.__version__}, numpy {np.__version__}, "
           f"faiss {faiss.__version__ if faiss else 'not installed'}", flush=True)
     results = {"threads": a.threads, "cases": [], "large": None}
+    plan_args = {key: v for key, v in (("query_chunk", a.query_chunk), ("image_block", a.image_block),
+                                        ("group", a.group), ("max_memory_mb", a.max_memory_mb)) if v}
     for size in a.sizes:
         n_q, n_img = (int(v) for v in size.lower().split("x"))
-        plan_args = {key: v for key, v in (("query_chunk", a.query_chunk), ("image_block", a.image_block),
-                                            ("group", a.group), ("max_memory_mb", a.max_memory_mb)) if v}
         r = run_case(n_q, n_img, a.dim, a.k, a.repeats, plan_args)
         results["cases"].append(r)
-        faiss_part = (f" | faiss {r['faiss_s']:.3f}s ({r['faiss_fraction_of_matmul_limit']:.2f} of limit), "
+        faiss_part = (f" | faiss {r['faiss_s']:.3f}s ({r['faiss_fraction_of_numpy_limit']:.2f} / "
+                      f"{r['faiss_fraction_of_matmul_limit']:.2f}), "
                       f"faiss/ours time {r['faiss_over_ours']:.2f}, id agreement {r['faiss_agreement']:.4f}"
                       if "faiss_s" in r else " | faiss n/a")
         print(f"{n_q} x {n_img} x {a.dim}: ours {r['ours_s']:.3f}s = {r['ours_gflops']:.0f} GFLOP/s, "
-              f"{r['fraction_of_matmul_limit']:.2f} of the matmul limit ({r['limit_s']:.3f}s at "
-              f"max(numpy {r['gemm_gflops_numpy']:.0f}, torch {r['gemm_gflops_torch']:.0f}) GFLOP/s)"
+              f"{r['fraction_of_numpy_limit']:.2f} of numpy's matmul limit / {r['fraction_of_matmul_limit']:.2f} "
+              f"of the best (GEMM numpy {r['gemm_gflops_numpy']:.0f}, torch {r['gemm_gflops_torch']:.0f} GFLOP/s)"
               + faiss_part, flush=True)
+    if a.selection:
+        results["selection"] = []
+        for size in a.sizes:
+            n_q, n_img = (int(v) for v in size.lower().split("x"))
+            r = run_selection_share(n_q, n_img, a.dim, a.k, a.repeats, plan_args)
+            results["selection"].append(r)
+            shares = ", ".join(f"{name} {v:.3f} s (+{r['share_of_matmul'].get(name, 0) * 100:.1f} %)"
+                               for name, v in r["seconds"].items())
+            print(f"selection alone, one lane on one thread, {n_q} x {n_img}, tiles {r['tile'][0]} x "
+                  f"{r['tile'][1]}: {shares}", flush=True)
     if a.processes:
         results["processes"] = []
         for size in a.sizes:
@@ -277,7 +358,8 @@ def main() -> None:
             r = run_large(a.large[0], a.large[1], a.dim, a.k, Path(tmp), a.large_shard_rows, a.max_memory_mb,
                           a.threads, not a.large_no_faiss)
         results["large"] = r
-        faiss_part = (f"; faiss script on the same shards {r['faiss_wall_s']:.1f}s, ours/faiss "
+        faiss_part = (f"; faiss script on the same shards {r['faiss_wall_s']:.1f}s (peak RSS "
+                      f"{r['faiss_peak_rss_mb']:.0f} MB), ours/faiss "
                       f"{r['ours_over_faiss']:.2f}, id agreement {r['faiss_agreement']:.4f}" if "faiss_wall_s" in r else "")
         print(f"streamed CLI {r['queries']} x {r['images']} x {a.dim} from {r['shards']} npz shards: "
               f"{r['cli_wall_s']:.1f}s ({r['gflops']:.0f} GFLOP/s end to end incl. loading), "
