@@ -16,28 +16,27 @@ static inline int worse(float va, int64_t ra, float vb, int64_t rb)
     return va < vb || (va == vb && ra > rb);
 }
 
+/* Heap slot i takes (v, r). */
+static inline void put(float *hv, int64_t *hr, int64_t i, float v, int64_t r)
+{
+    hv[i] = v;
+    hr[i] = r;
+}
+
+/* Offer (v, r), which is better than the root when the heap is full, to one query's heap. */
 static void heap_offer(float *hv, int64_t *hr, int64_t k, int64_t *count, float *thr,
                        float v, int64_t r)
 {
     int64_t i;
     if (*count < k) { /* not full: sift the new entry up from the end */
-        i = (*count)++;
-        while (i > 0) {
-            int64_t parent = (i - 1) / 2;
-            if (!worse(v, r, hv[parent], hr[parent]))
-                break;
-            hv[i] = hv[parent];
-            hr[i] = hr[parent];
-            i = parent;
-        }
-        hv[i] = v;
-        hr[i] = r;
+        for (i = (*count)++; i > 0 && worse(v, r, hv[(i - 1) / 2], hr[(i - 1) / 2]); i = (i - 1) / 2)
+            put(hv, hr, i, hv[(i - 1) / 2], hr[(i - 1) / 2]);
+        put(hv, hr, i, v, r);
         if (*count == k)
             *thr = hv[0];
         return;
     }
-    i = 0; /* full, and v > thr: replace the root and sift it down */
-    for (;;) {
+    for (i = 0;;) { /* full: replace the root and sift it down */
         int64_t child = 2 * i + 1;
         if (child >= k)
             break;
@@ -45,12 +44,10 @@ static void heap_offer(float *hv, int64_t *hr, int64_t k, int64_t *count, float 
             child++;
         if (!worse(hv[child], hr[child], v, r))
             break;
-        hv[i] = hv[child];
-        hr[i] = hr[child];
+        put(hv, hr, i, hv[child], hr[child]);
         i = child;
     }
-    hv[i] = v;
-    hr[i] = r;
+    put(hv, hr, i, v, r);
     *thr = hv[0];
 }
 
