@@ -102,7 +102,7 @@ def kernel():
             cc = _compiler()
             if cc is None:
                 log.warning("no C compiler found ($CC, cc, gcc, clang): the CPU top-k uses numpy's "
-                            "selection, ~5%% slower")
+                            "selection, ~5% slower")
                 return None
             try:
                 fn = ctypes.CDLL(str(_build(cc, SOURCE.read_bytes()))).topk_heap_scan
