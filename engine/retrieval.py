@@ -259,7 +259,9 @@ def _search_blocks(queries, images, k, plan, blocks, device, progress):
             block = torch.from_numpy(np.ascontiguousarray(raw)).to(device).float()
             for q0 in range(0, n_q, plan.query_chunk):
                 q1 = min(q0 + plan.query_chunk, n_q)
-                s = torch.nn.functional.pad(q_dev[q0:q1] @ block.T, (0, padded - nb), value=float("-inf"))
+                s = q_dev[q0:q1] @ block.T
+                if padded != nb:  # a copy: only for a block that is not whole groups
+                    s = torch.nn.functional.pad(s, (0, padded - nb), value=float("-inf"))
                 vals, cols = block_topk(s, k, g)
                 rows = torch.where(cols < nb, cols + r0, SENTINEL)
                 vals = torch.where(cols < nb, vals, float("-inf"))
