@@ -72,6 +72,17 @@ def test_without_a_working_compiler_numpy_selects_the_same(fresh, monkeypatch, c
         grid_search(native_flag=True)
 
 
+def test_a_cache_that_cannot_be_written_falls_back(fresh, monkeypatch, caplog, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("CLIP_NATIVE_CACHE", str(blocker / "native"))
+    with caplog.at_level(logging.WARNING, logger="engine.topk_native"):
+        got = grid_search(native_flag=None)
+    assert native.kernel() is None and "could not build topk_heap.c" in caplog.text
+    want = grid_search(native_flag=False)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_turned_off_by_the_environment(fresh, monkeypatch):
     monkeypatch.setenv("CLIP_TOPK_NATIVE", "0")
     assert native.kernel() is None
