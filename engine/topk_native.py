@@ -65,10 +65,11 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(cc: str, source: bytes) -> Path:
-    """The cached library for this source, compiler and CPU, built if missing."""
+def _build(cc: str, source: bytes, flag_sets=FLAG_SETS) -> Path:
+    """The cached library for this source, compiler and CPU, built with the first flag set the
+    compiler accepts if missing."""
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(),
                                          _cpu_features().encode()])).hexdigest()[:16]
         lib = cache_dir() / f"topk_heap-{key}.so"
@@ -105,15 +106,19 @@ def kernel():
                             "selection, ~5% slower")
                 return None
             try:
-                fn = ctypes.CDLL(str(_build(cc, SOURCE.read_bytes()))).topk_heap_scan
+                _kernel = load(_build(cc, SOURCE.read_bytes()))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning("could not build %s with %s (%s): the CPU top-k uses numpy's selection, "
                             "~5%% slower", SOURCE.name, cc, e)
                 return None
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p]
-            _kernel = fn
         return _kernel or None
+
+
+def load(lib: Path):
+    """`topk_heap_scan` of a built library, ready to call (ctypes releases the GIL meanwhile)."""
+    fn = ctypes.CDLL(str(lib)).topk_heap_scan
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
 

@@ -51,22 +51,23 @@ static void heap_offer(float *hv, int64_t *hr, int64_t k, int64_t *count, float 
     *thr = hv[0];
 }
 
-/* above(a, t): bit j set where a[j] > t[j], for W consecutive queries. */
-#if defined(__AVX512F__)
+/* above(a, t): bit j set where a[j] > t[j], for W consecutive queries. TOPK_SCALAR (tests) takes
+ * the plain C path whatever the CPU has. */
+#if defined(__AVX512F__) && !defined(TOPK_SCALAR)
 #include <immintrin.h>
 #define W 16
 static inline uint32_t above(const float *a, const float *t)
 {
     return _mm512_cmp_ps_mask(_mm512_loadu_ps(a), _mm512_loadu_ps(t), _CMP_GT_OQ);
 }
-#elif defined(__AVX__)
+#elif defined(__AVX__) && !defined(TOPK_SCALAR)
 #include <immintrin.h>
 #define W 8
 static inline uint32_t above(const float *a, const float *t)
 {
     return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(t), _CMP_GT_OQ));
 }
-#elif defined(__SSE2__)
+#elif defined(__SSE2__) && !defined(TOPK_SCALAR)
 #include <emmintrin.h>
 #define W 4
 static inline uint32_t above(const float *a, const float *t)

@@ -2,6 +2,7 @@
 atomically, and where it cannot be built the search falls back to numpy's selection with a
 warning and the same results."""
 import logging
+import platform
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import engine.topk_native as native
-from engine.topk_cpu import search_blocks
+from engine.topk_cpu import HeapTopK, search_blocks
 
 
 @pytest.fixture
@@ -99,3 +100,37 @@ def test_bad_tiles_are_refused(fresh):
         top.add_tile(np.zeros((4, 3), np.float32).T, 0, 0)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         top.add_tile(np.zeros((3, 4), np.float32), 1, 0)  # queries 1..4 of a top-k of 4
+
+
+def _cpu_has(flag: str) -> bool:
+    return f" {flag}" in native._cpu_features()
+
+
+# Every vector width the C scan has, so that the code another CPU runs is tested here too.
+WIDTHS = {"avx512 (16)": (["-O3", "-mavx512f"], "avx512f"),
+          "avx (8)": (["-O3", "-mavx2", "-mno-avx512f"], "avx2"),
+          "sse2 (4)": (["-O3", "-mno-avx"], "sse2"),
+          "scalar (1)": (["-O3", "-DTOPK_SCALAR"], None)}
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_each_vector_width_equals_the_oracle(fresh, width):
+    """37 queries (not a multiple of any width: the tail loop runs too), tied grid scores, rows
+    climbing in plateaus so that tied k-th places are displaced; tiles of 1 to 50 rows."""
+    flags, cpu_flag = WIDTHS[width]
+    if cpu_flag and (platform.machine() not in ("x86_64", "AMD64") or not _cpu_has(cpu_flag)):
+        pytest.skip(f"this CPU cannot run {width}")
+    scan = native.load(native._build(native._compiler(), native.SOURCE.read_bytes(), [flags]))
+    rng = np.random.default_rng(11)
+    n, d, m = 400, 8, 37
+    x = ((rng.integers(0, 3, (n, d)) + np.arange(n)[:, None] // 9) / 8).astype(np.float32)
+    q = (rng.integers(-1, 3, (m, d)) / 8).astype(np.float32)
+    scores = x @ q.T  # exact: multiples of 1/64
+    for k, tile in ((10, 50), (3, 1), (25, 7)):
+        top = HeapTopK(m, k, scan)
+        for r0 in range(0, n, tile):
+            top.add_tile(np.ascontiguousarray(scores[r0:r0 + tile]), 0, r0)
+        vals, rows = top.result()
+        want = np.stack([np.lexsort((np.arange(n), -scores[:, c]))[:k] for c in range(m)])
+        np.testing.assert_array_equal(rows, want, err_msg=f"k={k}, tile={tile}")
+        np.testing.assert_array_equal(vals, np.take_along_axis(scores.T, want, 1))
