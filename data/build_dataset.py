@@ -173,10 +173,9 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
         raise
     try:
         todo = set(needed.tolist()) - writer.existing_ids()
-        bar = tqdm(total=needed.size, initial=needed.size - len(todo), unit="img", file=sys.stderr,
-                   desc=f"shard {index}/{num_shards}", disable=not opts.progress, dynamic_ncols=True)
-        _write_images(opts, writer, store, todo, res, bar)
-        bar.close()
+        with tqdm(total=needed.size, initial=needed.size - len(todo), unit="img", file=sys.stderr,
+                  desc=f"shard {index}/{num_shards}", disable=not opts.progress, dynamic_ncols=True) as bar:
+            _write_images(opts, writer, store, todo, res, bar)
         present = np.asarray(sorted(writer.existing_ids()), dtype=np.int64)
         missing = needed[~np.isin(needed, present)]
         if missing.size and opts.on_error == "fail":

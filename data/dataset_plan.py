@@ -158,21 +158,21 @@ def read_plan(queries: Path, progress: bool = True) -> Plan:
 
     qids, lines, qtext, pq, pimg = (array.array("q") for _ in range(5))
     text_index: Dict[str, int] = {}
-    bar = tqdm(desc=f"read {queries.name}", unit=" queries", disable=not progress, file=sys.stderr,
-               mininterval=2.0, dynamic_ncols=True)
-    for lineno, obj in read_jsonl(queries):
-        qid, text, items = parse_query(obj, f"{queries}:{lineno}")
-        if not items:
-            raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids; training needs at least "
-                             f"one image per query")
-        row = len(qids)
-        qids.append(qid)
-        lines.append(lineno)
-        qtext.append(text_index.setdefault(text, len(text_index)))
-        pq.extend([row] * len(items))
-        pimg.extend(items)
-        bar.update(1)
-    bar.close()
+    # `with`: a bad line closes the bar first, so the error starts a line of its own
+    with tqdm(desc=f"read {queries.name}", unit=" queries", disable=not progress, file=sys.stderr,
+              mininterval=2.0, dynamic_ncols=True) as bar:
+        for lineno, obj in read_jsonl(queries):
+            qid, text, items = parse_query(obj, f"{queries}:{lineno}")
+            if not items:
+                raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids; training needs at least "
+                                 f"one image per query")
+            row = len(qids)
+            qids.append(qid)
+            lines.append(lineno)
+            qtext.append(text_index.setdefault(text, len(text_index)))
+            pq.extend([row] * len(items))
+            pimg.extend(items)
+            bar.update(1)
     if not qids:
         raise InputError(f"{queries}: no queries in the file")
     plan = Plan(*(np.frombuffer(a, dtype=np.int64) for a in (qids, lines, qtext)), list(text_index),
@@ -219,19 +219,18 @@ def tokenize_texts(texts: List[str], vocab, context_length: int, workers: int, p
     from tqdm import tqdm
 
     parts = [(texts[i:i + chunk], context_length) for i in range(0, len(texts), chunk)]
-    bar = tqdm(total=len(texts), desc="tokenize", unit=" texts", disable=not progress, file=sys.stderr,
-               mininterval=2.0, dynamic_ncols=True)
     out = []
-    if workers > 1 and len(parts) > 1:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(workers, initializer=_tokenizer_init, initargs=(str(vocab),)) as pool:
-            for arr in pool.imap(_tokenize_chunk, parts):
-                out.append(arr)
-                bar.update(len(arr))
-    else:
-        _tokenizer_init(str(vocab))
-        for p in parts:
-            out.append(_tokenize_chunk(p))
-            bar.update(len(out[-1]))
-    bar.close()
+    with tqdm(total=len(texts), desc="tokenize", unit=" texts", disable=not progress, file=sys.stderr,
+              mininterval=2.0, dynamic_ncols=True) as bar:
+        if workers > 1 and len(parts) > 1:
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            with ctx.Pool(workers, initializer=_tokenizer_init, initargs=(str(vocab),)) as pool:
+                for arr in pool.imap(_tokenize_chunk, parts):
+                    out.append(arr)
+                    bar.update(len(arr))
+        else:
+            _tokenizer_init(str(vocab))
+            for p in parts:
+                out.append(_tokenize_chunk(p))
+                bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, context_length), dtype=np.int32)

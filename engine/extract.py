@@ -76,13 +76,12 @@ def _encode_shard(ids: np.ndarray, batch_size: int, encode, embed_dim: int, desc
 
     batches, steps = _my_batches(len(ids), batch_size)
     feats: List[torch.Tensor] = []
-    bar = tqdm(total=steps, desc=desc, unit="batch", disable=not (progress and dist.is_main()))
-    for start, stop, real in _padded(batches, steps, len(ids)):
-        out = encode(start, stop)
-        if real:
-            feats.append(out.float().cpu())
-        bar.update(1)
-    bar.close()
+    with tqdm(total=steps, desc=desc, unit="batch", disable=not (progress and dist.is_main())) as bar:
+        for start, stop, real in _padded(batches, steps, len(ids)):
+            out = encode(start, stop)
+            if real:
+                feats.append(out.float().cpu())
+            bar.update(1)
     mine = np.concatenate([ids[a:b] for a, b in batches]) if batches else ids[:0]
     return mine, _finish(feats, embed_dim)
 
