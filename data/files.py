@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple, Union
@@ -28,6 +29,16 @@ def _new_temp(path: Path, suffix: str) -> str:
 
 class InputError(ValueError):
     """Bad user input; the message names the file and line (or id) to fix."""
+
+
+EXIT_BAD_INPUT = 2  # a command stopped by a user mistake (argparse exits with 2 for bad flags too)
+
+
+def report_input_error(prog: str, error: Exception) -> int:
+    """A user mistake, said the way argparse says a bad flag: one line `prog: error: ...` on stderr,
+    no traceback. Returns the command's exit status."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 @contextlib.contextmanager

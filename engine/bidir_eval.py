@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from data.files import InputError, atomic_write, read_jsonl
+from data.files import EXIT_BAD_INPUT, InputError, atomic_write, read_jsonl
 from engine.bidir_metrics import combine, direction_scores, invert_references
 from engine.muge_eval import SchemaError, evaluate as evaluate_muge, result_json as muge_result_json
 
 MODES = ("t2i", "i2t", "both")
 I2T_LIST_KEYS = ("text_ids", "query_ids")
-EXIT_BAD_INPUT = 2
 
 
 def _is_int(x: Any) -> bool:

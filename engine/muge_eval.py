@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.files import InputError, atomic_write, json_object_line
+from data.files import EXIT_BAD_INPUT, InputError, atomic_write, json_object_line
 from engine.metrics import muge_scores
 
 QUERY_KEYS = ("query_id", "text_id")
@@ -176,7 +176,6 @@ def result_json(scores: Optional[Dict[str, float]] = None, error: Optional[str] 
                           "r10": scores["r10"]}}
 
 
-EXIT_BAD_INPUT = 2
 
 
 def run(pred_path, ref_path, out_path, k: int = 10) -> int:

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.build_dataset import build_dataset  # noqa: E402
 from data.dataset_plan import DEFAULT_SHARD_SIZE, BuildOptions  # noqa: E402
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     try:
         results, manifest = build_dataset(opts, a.shard_index, a.finalize)
     except InputError as e:
-        print(f"build_dataset: error: {e}", file=sys.stderr)
-        return 2
+        return report_input_error("build_dataset.py", e)
     took = time.perf_counter() - t0
     for r in results:
         state = "already built" if r.already_built else "built"

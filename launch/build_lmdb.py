@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.build import build_store  # noqa: E402
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,8 +36,7 @@ def main(argv=None) -> int:
                         report_path=a.report, progress=not a.no_progress,
                         resize=a.resize)
     except InputError as e:
-        print(f"build_lmdb: error: {e}", file=sys.stderr)
-        return 2
+        return report_input_error("build_lmdb.py", e)
     print(f"{a.output}: {r.manifest['count']} images at {a.resolution}x{a.resolution} "
           f"({a.resize}) "
           f"({r.written} written now, {r.already_present} already present)")

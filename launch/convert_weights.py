@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launch/ is not a package: make `models` importable from any cwd
     sys.path.insert(0, str(REPO))
 
+from data.files import report_input_error  # noqa: E402  (light: no torch)
+
 # models (torch, transformers) is imported in main(), after parsing, so that --help answers at once.
 convert = load_text_config = load_vision_config = None
 
@@ -186,8 +188,7 @@ def main(argv=None) -> int:
     try:
         print(args.func(args))
     except ValueError as e:  # WeightConversionError / InputError (bad files), unknown config names
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_input_error("convert_weights.py", e)
     return 0
 
 

@@ -15,10 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 from engine.model_loading import add_model_flags  # noqa: E402
-
-EXIT_BAD_INPUT = 2
 
 
 def main(argv=None) -> int:
@@ -54,8 +52,7 @@ def main(argv=None) -> int:
                   f"> --tolerance {a.tolerance:g}", file=sys.stderr)
             return 1
     except InputError as e:
-        print(f"export_onnx.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("export_onnx.py", e)
     return 0
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 from engine.model_loading import add_model_flags  # noqa: E402
 
-EXIT_BAD_INPUT = 2
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -106,8 +105,7 @@ def main(argv=None) -> int:
             print(f"extracted on {dist.world_size()} rank(s) in {time.perf_counter() - t0:.1f}s: "
                   + ", ".join(f"{k} -> {v}" for k, v in written.items()))
     except ValueError as e:  # InputError / WeightConversionError (bad files), unknown config names
-        print(f"extract.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("extract.py", e)
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError, atomic_write, read_jsonl  # noqa: E402
+from data.files import InputError, atomic_write, read_jsonl, report_input_error  # noqa: E402
 from data.lmdb_store import ImageStore  # noqa: E402
 from data.pairs import read_queries  # noqa: E402
 from engine.gallery import choose_queries, failed_queries, render_gallery  # noqa: E402
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
                               lambda i: store.get(i) if i in store else None, metrics, shown,
                               title=f"Text-to-image retrieval: {Path(args.queries).name}{run}", note=note)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_input_error("gallery.py", e)
     with atomic_write(args.output) as f:
         f.write(page)
     print(f"wrote {args.output} ({len(shown)} queries)")

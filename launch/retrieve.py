@@ -20,9 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 
-EXIT_BAD_INPUT = 2
 # direction -> (what the queries are, what the database is, the output's key names)
 DIRECTIONS = {"t2i": ("queries", "images", "query_id", "item_ids"),
               "i2t": ("images", "texts", "image_id", "text_ids")}
@@ -100,8 +99,7 @@ def main(argv=None) -> int:
         if not local:
             dist.barrier()
     except InputError as e:
-        print(f"retrieve.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("retrieve.py", e)
     return 0
 
 

@@ -14,11 +14,11 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 from engine.accumulation import NonFiniteLoss  # noqa: E402
 from engine.config import build_config, parse_args  # noqa: E402
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NONFINITE = 1, 2, 3
+EXIT_FAILED, EXIT_NONFINITE = 1, 3  # and data.files.EXIT_BAD_INPUT (2) for a user mistake
 
 
 def main(argv=None) -> int:
@@ -26,8 +26,7 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(args)  # every flag and the DeepSpeed JSON checked before any work
     except InputError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("train.py", e)
 
     from engine.trainer import Trainer
 
@@ -35,8 +34,7 @@ def main(argv=None) -> int:
     try:
         summary = trainer.run()
     except InputError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("train.py", e)
     except NonFiniteLoss as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE

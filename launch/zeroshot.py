@@ -20,10 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.files import InputError  # noqa: E402
+from data.files import InputError, report_input_error  # noqa: E402
 from engine.model_loading import add_model_flags  # noqa: E402
-
-EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv=None):
@@ -106,8 +104,7 @@ def main(argv=None) -> int:
               f"images, {len(classes)} classes, {len(templates)} templates, in {time.perf_counter() - t0:.1f}s "
               f"-> {a.output}")
     except InputError as e:
-        print(f"zeroshot.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_input_error("zeroshot.py", e)
     return 0
 
 

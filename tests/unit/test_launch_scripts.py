@@ -44,3 +44,34 @@ def test_single_node_reads_a_relative_config_from_the_callers_directory(tmp_path
     out = _run(SINGLE, ["my_ds.json", "1", "--train-data", "q.jsonl", "--train-img", "lmdb", "--vocab", "v.txt"], tmp_path, {"MASTER_PORT": str(free_port())})
     assert out.returncode != 0
     assert "my_ds.json: set gradient_clipping explicitly" in out.stdout + out.stderr, out.stdout[-2000:]
+
+
+# One user mistake per command: an input that does not exist (build_dataset: a query without images,
+# found while its progress bar is drawn). Each must end with one line of its own, argparse's
+# `<script>: error: <what is wrong, naming the file>`, exit status 2, and no traceback.
+USER_MISTAKES = [
+    ("build_lmdb.py", ["--input", "absent.tsv", "--output", "out", "--resolution", "32"], "absent.tsv"),
+    ("build_dataset.py", ["--queries", "no_images.jsonl", "--images", "absent.tsv", "--output", "out",
+                          "--vocab", "absent.txt", "--resolution", "32"], "no_images.jsonl:1: query 7"),
+    ("retrieve.py", ["--image-feats", "absent_feats", "--text-feats", "t", "--output", "p.jsonl"], "absent_feats"),
+    ("gallery.py", ["--predictions", "p.jsonl", "--queries", "absent.jsonl", "--images", "lmdb",
+                    "--output", "g.html"], "absent.jsonl"),
+    ("zeroshot.py", ["--weights", "w.pt", "--classes", "absent.txt", "--labels", "l.jsonl",
+                     "--image-feats", "f", "--output", "z.json"], "absent.txt"),
+    ("extract.py", ["--weights", "absent.pt", "--image-lmdb", "x", "--output", "o"], "absent.pt"),
+    ("convert_weights.py", ["openai-vit", "--input", "absent.pt", "--output", "o.pt"], "absent.pt"),
+    ("train.py", ["--train-data", "q.jsonl", "--train-img", "lmdb", "--vocab", "v.txt",
+                  "--deepspeed_config", "absent_ds.json"], "absent_ds.json"),
+]
+
+
+@pytest.mark.parametrize("script,args,named", USER_MISTAKES, ids=[m[0] for m in USER_MISTAKES])
+def test_a_user_mistake_is_one_line_naming_the_command_and_the_file(tmp_path, script, args, named):
+    (tmp_path / "no_images.jsonl").write_text('{"query_id": 7, "query_text": "红色连衣裙", "item_ids": []}\n',
+                                              encoding="utf-8")
+    out = subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=str(tmp_path),
+                         env=base_env({}), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith(f"{script}: error: ") and named in last, out.stderr
