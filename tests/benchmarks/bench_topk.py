@@ -312,6 +312,8 @@ def main() -> None:
                    help="also time the selection alone per size: one lane, one thread, C scan vs numpy vs bare matmul")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
+    if a.workdir:  # a scratch folder of the user's choosing (e.g. on a big disk): made if absent
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
 
     torch.set_num_threads(a.threads)
     if faiss is not None:
