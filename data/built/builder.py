@@ -1,6 +1,6 @@
-"""Build the shards of a built data set and finalize it (the layout: data/dataset_plan.py).
+"""Build the shards of a built data set and finalize it (the layout: data/built/layout.py).
 
-Each shard: images (decoded and transformed by data.build's readers and data.images, in a pool of
+Each shard: images (decoded and transformed by the image sources' readers (data/images/sources.py), in a pool of
 processes) committed to its LMDB chunk by chunk, so a killed build resumes where it stopped; then its
 pair arrays, written whole and atomically; then shard.json, its mark of completion. `finalize` checks
 every shard and writes manifest.json (complete: true) last.
@@ -18,13 +18,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from data.build import BuildError, _decode_chunk, open_source
-from data.dataset_plan import (DATASET_FORMAT, MANIFEST, SHARD_DONE, BuildOptions, Plan, ShardResult,
-                               _our_store, num_shards_for, read_plan, settings, shard_of, tokenize_texts,
-                               vocab_fingerprint)
+from data.images.sources import BuildError, decode_chunk, open_source
+from data.built.layout import (DATASET_FORMAT, MANIFEST, SHARD_DONE, BuildOptions, ShardResult, our_store,
+                               settings, shard_of, vocab_fingerprint)
+from data.built.plan import Plan, num_shards_for, read_plan, tokenize_texts
 from data.files import InputError, atomic_path, atomic_write, read_json_object
-from data.images import IMAGE_MEAN, IMAGE_STD
-from data.lmdb_store import FORMAT, JPEG_FORMAT, ImageStore, ImageStoreWriter
+from data.images.transform import IMAGE_MEAN, IMAGE_STD
+from data.images.store import FORMAT, JPEG_FORMAT, ImageStore, ImageStoreWriter
 
 
 # ---- one shard -------------------------------------------------------------------------------
@@ -34,13 +34,13 @@ def shard_dir(output, index: int) -> Path:
 
 
 def _encode_chunk(args):
-    """Source records -> [(id, where, stored bytes or None, error)]: data.build's decode and
+    """Source records -> [(id, where, stored bytes or None, error)]: data.images.sources' decode and
     preprocessing, then JPEG encoding of the R×R result for a JPEG data set."""
     items, resolution, resize, image_format, quality = args
-    out = _decode_chunk((items, resolution, resize))
+    out = decode_chunk((items, resolution, resize))
     if image_format != "jpeg":
         return out
-    from data.jpeg import encode_jpeg
+    from data.images.jpeg import encode_jpeg
 
     shape = (3, resolution, resolution)
     return [(i, w, None if a is None else encode_jpeg(np.frombuffer(a, np.uint8).reshape(shape), quality), e)
@@ -48,7 +48,7 @@ def _encode_chunk(args):
 
 
 def _source_chunks(opts: BuildOptions, todo: set, res: ShardResult, size: int = 64) -> Iterator[list]:
-    """The source's records for the ids in `todo`, in chunks (data.build's record format)."""
+    """The source's records for the ids in `todo`, in chunks (data.images.sources' record format)."""
     _, records, _, _ = open_source(opts.images)
     seen: set = set()
     chunk = []
@@ -103,7 +103,7 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, store: Optional[
             part = [x for x in ids[i:i + 256] if x in store]
             arrs = store.get_many(part)
             if opts.image_format == "jpeg":
-                from data.jpeg import encode_jpeg
+                from data.images.jpeg import encode_jpeg
 
                 handle([(x, str(store.path), encode_jpeg(a, opts.jpeg_quality), "") for x, a in zip(part, arrs)])
             else:
@@ -120,7 +120,7 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, store: Optional[
         pending: collections.deque = collections.deque()
         for chunk in _source_chunks(opts, todo, res):
             pending.append(pool.apply_async(_encode_chunk, ((chunk, *args),)))
-            while len(pending) >= 4 * workers:  # bounded look-ahead, as in data.build
+            while len(pending) >= 4 * workers:  # bounded look-ahead, as in data.images.build_store
                 handle(pending.popleft().get())
         while pending:
             handle(pending.popleft().get())
@@ -159,7 +159,7 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
     res = ShardResult(index)
     sel = np.nonzero((shard_of(plan.pair_image, num_shards) if assign is None else assign) == index)[0]
     needed = np.unique(plan.pair_image[sel])
-    store = _our_store(Path(opts.images))
+    store = our_store(Path(opts.images))
     if store is not None and store.resolution != opts.resolution:
         raise InputError(f"{opts.images}: holds {store.resolution} px images, not --resolution {opts.resolution}")
     mean, std = (store.mean, store.std) if store is not None else (IMAGE_MEAN, IMAGE_STD)

@@ -1,7 +1,7 @@
-"""The parts of a built data set's build that every shard shares: its settings, the queries file read
-into pair arrays, and parallel tokenizing. The shards themselves: data/build_dataset.py.
+"""What a built data set is on disk, and the settings every shard of one must share. The queries read
+into pair arrays and their tokenizing: plan.py; the shards themselves: builder.py; reading: reader.py.
 
-A built data set (read by data.built) is made from MUGE queries and images.
+A built data set is made from MUGE queries and images.
 
 Layout of the output folder:
   shards/00000/images/          an ImageStore (LMDB) of the shard's images, uint8 or JPEG
@@ -21,20 +21,16 @@ the arrays are written whole (atomically) after the images, and shard.json after
 """
 from __future__ import annotations
 
-import array
 import hashlib
-import math
-import multiprocessing as mp
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data.files import InputError, read_jsonl
-from data.lmdb_store import MANIFEST_KEY, ImageStore
-from data.pairs import parse_query
+from data.files import InputError
+from data.images.store import MANIFEST_KEY, ImageStore
+from data.tokenizer import vocab_file
 
 DATASET_FORMAT = "clip-built-pairs-v1"
 MANIFEST = "manifest.json"
@@ -58,7 +54,7 @@ class BuildOptions:
     image_format: str = "uint8"
     jpeg_quality: int = 95
     progress: bool = True
-    resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images); a store source keeps its own
+    resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images.transform); a store source keeps its own
 
 
 @dataclass
@@ -74,11 +70,6 @@ class ShardResult:
 
 
 # ---- settings every shard must share ---------------------------------------------------------
-
-def vocab_file(vocab) -> Path:
-    vocab = Path(vocab)
-    return vocab / "vocab.txt" if vocab.is_dir() else vocab
-
 
 def vocab_fingerprint(vocab) -> Dict:
     """sha256 and line count of the vocab file: the tokenizer identity a run is checked against."""
@@ -102,7 +93,7 @@ def shard_of(image_ids: np.ndarray, num_shards: int) -> np.ndarray:
     return (x % np.uint64(num_shards)).astype(np.int64)
 
 
-def _our_store(path: Path) -> Optional[ImageStore]:
+def our_store(path: Path) -> Optional[ImageStore]:
     """The image source as one of our stores (launch/build_lmdb.py), or None for other sources.
     The caller closes it."""
     if not (path.is_dir() and (path / "data.mdb").is_file()):
@@ -122,7 +113,7 @@ def source_resize(opts: BuildOptions) -> str:
     """The resize mode of the data set's images: --resize for images decoded here; a store built by
     launch/build_lmdb.py already holds R×R images, made by the mode its manifest records (stores
     from before the key existed were centre-cropped)."""
-    store = _our_store(Path(opts.images))
+    store = our_store(Path(opts.images))
     if store is None:
         return opts.resize
     store.close()  # py-lmdb allows one open environment per path and process
@@ -138,99 +129,3 @@ def settings(opts: BuildOptions, num_shards: int) -> Dict:
             "resize": source_resize(opts), "on_error": opts.on_error,
             "vocab_sha256": vocab_fingerprint(opts.vocab)["vocab_sha256"],
             "queries": {"name": q.name, "bytes": q.stat().st_size}, "images": Path(opts.images).name}
-
-
-# ---- the queries file -> pair arrays ---------------------------------------------------------
-
-@dataclass
-class Plan:
-    """Every pair of the queries file as arrays (no object per pair), in file order."""
-    query_ids: np.ndarray    # int64 [Q]
-    query_lines: np.ndarray  # int64 [Q]
-    query_text: np.ndarray   # int64 [Q]: index into texts
-    texts: List[str]         # distinct texts
-    pair_query: np.ndarray   # int64 [N]: query row of each pair
-    pair_image: np.ndarray   # int64 [N]: image id of each pair
-
-
-def read_plan(queries: Path, progress: bool = True) -> Plan:
-    from tqdm import tqdm
-
-    qids, lines, qtext, pq, pimg = (array.array("q") for _ in range(5))
-    text_index: Dict[str, int] = {}
-    # `with`: a bad line closes the bar first, so the error starts a line of its own
-    with tqdm(desc=f"read {queries.name}", unit=" queries", disable=not progress, file=sys.stderr,
-              mininterval=2.0, dynamic_ncols=True) as bar:
-        for lineno, obj in read_jsonl(queries):
-            qid, text, items = parse_query(obj, f"{queries}:{lineno}")
-            if not items:
-                raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids; training needs at least "
-                                 f"one image per query")
-            row = len(qids)
-            qids.append(qid)
-            lines.append(lineno)
-            qtext.append(text_index.setdefault(text, len(text_index)))
-            pq.extend([row] * len(items))
-            pimg.extend(items)
-            bar.update(1)
-    if not qids:
-        raise InputError(f"{queries}: no queries in the file")
-    plan = Plan(*(np.frombuffer(a, dtype=np.int64) for a in (qids, lines, qtext)), list(text_index),
-                np.frombuffer(pq, dtype=np.int64), np.frombuffer(pimg, dtype=np.int64))
-    _check_unique_queries(plan, queries)
-    return plan
-
-
-def _check_unique_queries(plan: Plan, queries: Path) -> None:
-    order = np.argsort(plan.query_ids, kind="stable")
-    same = np.nonzero(plan.query_ids[order][1:] == plan.query_ids[order][:-1])[0]
-    if same.size:
-        first, again = order[same[0]], order[same[0] + 1]
-        raise InputError(f"{queries}:{plan.query_lines[again]}: query_id {plan.query_ids[again]} repeats "
-                         f"line {plan.query_lines[first]}")
-
-
-def num_shards_for(plan: Plan, shard_size: int) -> int:
-    return max(1, math.ceil(np.unique(plan.pair_image).size / shard_size))
-
-
-# ---- tokenizing ------------------------------------------------------------------------------
-
-_TOKENIZER = None
-
-
-def _tokenizer_init(vocab: str) -> None:
-    global _TOKENIZER
-    from data.tokenizer import load_tokenizer
-
-    _TOKENIZER = load_tokenizer(vocab)
-
-
-def _tokenize_chunk(args) -> np.ndarray:
-    from data.tokenizer import tokenize
-
-    texts, context_length = args
-    return tokenize(_TOKENIZER, texts, context_length).numpy().astype(np.int32)
-
-
-def tokenize_texts(texts: List[str], vocab, context_length: int, workers: int, progress: bool,
-                   chunk: int = 2048) -> np.ndarray:
-    """int32 [len(texts), L] token ids, tokenized in `workers` processes (in order)."""
-    from tqdm import tqdm
-
-    parts = [(texts[i:i + chunk], context_length) for i in range(0, len(texts), chunk)]
-    out = []
-    with tqdm(total=len(texts), desc="tokenize", unit=" texts", disable=not progress, file=sys.stderr,
-              mininterval=2.0, dynamic_ncols=True) as bar:
-        if workers > 1 and len(parts) > 1:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(workers, initializer=_tokenizer_init, initargs=(str(vocab),)) as pool:
-                for arr in pool.imap(_tokenize_chunk, parts):
-                    out.append(arr)
-                    bar.update(len(arr))
-        else:
-            _tokenizer_init(str(vocab))
-            for p in parts:
-                out.append(_tokenize_chunk(p))
-                bar.update(len(out[-1]))
-    return np.concatenate(out) if out else np.zeros((0, context_length), dtype=np.int32)

@@ -1,4 +1,4 @@
-"""Read a built data set (launch/build_dataset.py; layout in data/dataset_plan.py) as a map-style Dataset.
+"""Read a built data set (launch/build_dataset.py; layout in data/built/layout.py) as a map-style Dataset.
 
 Opening reads manifest.json only; each shard's arrays are memory-mapped and its LMDB opened the first
 time an index of that shard is read, in the process that reads it. Nothing is held per sample, so the
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.dataset_plan import DATASET_FORMAT, MANIFEST, vocab_fingerprint
+from data.built.layout import DATASET_FORMAT, MANIFEST, vocab_fingerprint
 from data.files import InputError, read_json_object
-from data.lmdb_store import ImageStore
+from data.images.store import ImageStore
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,7 +83,7 @@ class BuiltDataset(Dataset):
         m = self.manifest
         self.resolution = int(m["resolution"])
         self.mean, self.std = tuple(m["mean"]), tuple(m["std"])
-        self.resize = m["preprocessing"]["resize"]  # recorded in exported models (engine.export)
+        self.resize = m["preprocessing"]["resize"]  # recorded in exported models (engine.run.export)
         self.context_length = int(m["context_length"])
         self.image_format = m["image_format"]
         self.shard_pair_counts: List[int] = [int(s["pairs"]) for s in m["shards"]]

@@ -1,9 +1,9 @@
 """JPEG bytes <-> the uint8 [3, R, R] images of our stores (launch/build_dataset.py --format jpeg).
 
-The image is transformed first (data.images, as for a uint8 store) and the R×R result is encoded, so
+The image is transformed first (data.images.transform, as for a uint8 store) and the R×R result is encoded, so
 decoding gives back the training input directly, within JPEG's error; nothing is resized at load time.
 CPU decoding runs in threads (libjpeg releases the GIL); the GPU path (torchvision's nvjpeg decoder)
-lives in engine/jpeg_gpu.py because only the engine knows devices.
+lives in engine/loader/jpeg_gpu.py because only the engine knows devices.
 """
 from __future__ import annotations
 

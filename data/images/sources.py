@@ -1,33 +1,29 @@
-"""Build an ImageStore from the formats our users already have.
+"""The image sources our users already have, read as records (image id, where it came from, the
+encoded image), and their decoding into the stores' uint8 R×R arrays. Both builders use them: the
+image store (build_store.py) and the built data set (data/built/builder.py).
 
-Sources (each yields records: image id, where it came from, the encoded image):
+Sources:
   - a MUGE `*_imgs.tsv`: `image_id<TAB>base64 JPEG` per line (MUGE uses the URL-safe alphabet;
     both alphabets are accepted);
   - a folder of image files named `<image id>.<ext>` (searched recursively);
   - a Chinese-CLIP LMDB: key str(image id) -> base64 JPEG (its `imgs/` folder or the parent of it).
     Only the `imgs` database is opened; Chinese-CLIP's `pairs` database holds pickles and is never read.
 
-Decoding runs in a pool of processes, in order, with a bounded number of chunks in flight (Pool.imap
-would read the whole input ahead into memory). Each chunk is committed in one transaction, so an
-interrupted build keeps every committed chunk, and a rerun skips the ids already written.
+`decode_chunk` turns a chunk of records into arrays; it runs in the builders' process pools.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
-import multiprocessing as mp
 import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
 import lmdb
 
-from data.files import InputError, atomic_write
-from data.images import IMAGE_MEAN, IMAGE_STD, check_resize, load_and_preprocess
-from data.lmdb_store import ImageStoreWriter
+from data.files import InputError
+from data.images.transform import load_and_preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 PathLike = Union[str, os.PathLike]
@@ -44,15 +40,6 @@ class Record:
     is_base64: bool = True
     error: str = ""            # a problem found while reading the source (bad line, bad id)
     progress: int = 1          # how far this record moves the progress bar
-
-
-@dataclass
-class BuildResult:
-    written: int = 0
-    already_present: int = 0
-    skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (id, where, reason)
-    manifest: dict = field(default_factory=dict)
-    report_path: Optional[Path] = None
 
 
 class BuildError(InputError):
@@ -171,7 +158,7 @@ def open_source(path: PathLike) -> Tuple[str, Iterator[Record], Optional[int], s
 Item = Tuple[Optional[int], str, bytes, bool, str]  # id, where, payload, is_base64, source error
 
 
-def _decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]:
+def decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]:
     """[(id, where, uint8 CHW bytes or None, error)] in input order; items that already carry an
     error (a bad line) pass through so the caller sees problems in file order."""
     items, resolution, resize = args
@@ -186,110 +173,3 @@ def _decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]
         except InputError as e:  # corrupt base64, not an image, truncated image
             out.append((image_id, where, None, str(e)))
     return out
-
-
-def _chunks(records: Iterator[Record], done: set, size: int, result: BuildResult,
-            bar) -> Iterator[List[Item]]:
-    """Group records into chunks, skipping ids already in the store and flagging duplicates.
-
-    A repeat is checked before "already in the store": after an interrupted build the first copy of
-    an id may be committed, and its second copy must be refused as in a clean build, not skipped."""
-    seen: set = set()
-    chunk: List[Item] = []
-    for rec in records:
-        bar.update(rec.progress)
-        error = rec.error
-        if not error:
-            if rec.image_id in seen:
-                error = f"duplicate image id {rec.image_id}"
-            elif rec.image_id in done:
-                seen.add(rec.image_id)
-                result.already_present += 1
-                continue
-            seen.add(rec.image_id)
-        chunk.append((rec.image_id, rec.where, b"" if error else rec.payload, rec.is_base64, error))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def build_store(input_path: PathLike, output: PathLike, resolution: int, on_error: str = "fail",
-                workers: Optional[int] = None, chunk_size: int = 64, report_path: Optional[PathLike] = None,
-                map_size: int = 1 << 28, progress: bool = True, mean=IMAGE_MEAN, std=IMAGE_STD,
-                resize: str = "squash") -> BuildResult:
-    """Build (or resume) the store at `output` from `input_path`. See the module docstring.
-
-    on_error="fail": the first bad image raises BuildError naming its id and line; the images before
-    it are kept (the store stays marked incomplete), so a rerun after fixing the input resumes.
-    on_error="skip": bad images are listed in `report_path` (default <output>/skipped.tsv) and the
-    build completes without them. workers=0 or 1 decodes in this process. resize: "squash" (R×R,
-    Chinese-CLIP's) or "center-crop" (see data.images.preprocess_image); the manifest records it.
-    """
-    from tqdm import tqdm
-
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
-    if resolution <= 0:
-        raise ValueError(f"resolution must be positive, got {resolution}")
-    check_resize(resize)
-    input_path = Path(input_path)
-    kind, records, total, unit = open_source(input_path)
-    result = BuildResult()
-    workers = max(1, os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    # The pool forks before the LMDB environment is opened: an environment must not cross a fork.
-    pool = None
-    if workers > 1:
-        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
-    try:
-        writer = ImageStoreWriter(output, resolution, source=f"{kind}:{input_path.resolve()}",
-                                  mean=mean, std=std, map_size=map_size, resize=resize)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        raise
-    bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=f"build {Path(output).name}",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-    def handle(decoded):
-        good = []
-        for image_id, where, arr, err in decoded:
-            if arr is not None:
-                good.append((image_id, arr))
-            elif on_error == "fail":
-                result.written += writer.put_many(good)  # keep what came before the bad image
-                raise BuildError(f"{where}: image id {image_id}: {err}")
-            else:
-                result.skipped.append((str(image_id), where, err))
-        result.written += writer.put_many(good)
-
-    try:
-        chunks = _chunks(records, writer.existing_ids(), chunk_size, result, bar)
-        if pool is None:
-            for chunk in chunks:
-                handle(_decode_chunk((chunk, resolution, resize)))
-        else:
-            # Bounded look-ahead: at most 4 chunks per worker are read and waiting.
-            pending: collections.deque = collections.deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(_decode_chunk, ((chunk, resolution, resize),)))
-                while len(pending) >= 4 * workers:
-                    handle(pending.popleft().get())
-            while pending:
-                handle(pending.popleft().get())
-        bar.close()
-        if on_error == "skip":
-            result.report_path = Path(report_path) if report_path else Path(output) / "skipped.tsv"
-            with atomic_write(result.report_path) as f:
-                f.write("image_id\twhere\treason\n")
-                for image_id, where, reason in result.skipped:
-                    f.write(f"{image_id}\t{where}\t{reason}\n")
-        result.manifest = writer.finish()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        writer.close()
-    return result

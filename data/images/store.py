@@ -4,7 +4,7 @@ Layout (no pickles anywhere, so opening a downloaded store cannot run code):
   key  b"<image id as ASCII decimal>"  ->  raw bytes of a uint8 array [3, R, R] (C-order)
   key  b"__manifest__"                 ->  JSON: format, resolution, shape, dtype, count, mean, std,
                                            resize, source, complete
-"resize" is how images became R×R: "squash" or "center-crop" (data.images); a store written before the
+"resize" is how images became R×R: "squash" or "center-crop" (data.images.transform); a store written before the
 key existed was centre-cropped, and reads as such.
 The builder writes the manifest with complete=false before the first image and rewrites it with the
 final count and complete=true last, so an interrupted build is recognisable and readers refuse it.
@@ -15,7 +15,7 @@ what LMDB's own meta pages record before the file is mapped, and lmdb errors are
 InputError naming the store.
 
 A store of format JPEG_FORMAT (written by launch/build_dataset.py --format jpeg) holds the JPEG bytes
-of the same pre-transformed R×R image instead; get/get_many decode them (data.jpeg), so callers see
+of the same pre-transformed R×R image instead; get/get_many decode them (data.images.jpeg), so callers see
 the same uint8 arrays either way.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import lmdb
 import numpy as np
 
 from data.files import InputError
-from data.images import IMAGE_MEAN, IMAGE_STD, LEGACY_RESIZE, check_resize
+from data.images.transform import IMAGE_MEAN, IMAGE_STD, LEGACY_RESIZE, check_resize
 
 MANIFEST_KEY = b"__manifest__"
 FORMAT = "uint8-chw-v1"
@@ -201,7 +201,7 @@ class ImageStore:
         if out is None:
             out = np.empty((len(image_ids),) + self.shape, dtype=np.uint8)
         if self.format == JPEG_FORMAT:
-            from data.jpeg import decode_jpegs
+            from data.images.jpeg import decode_jpegs
 
             return decode_jpegs(self.get_encoded(image_ids), self.shape, out=out)
         txn = self._begin()
@@ -250,7 +250,7 @@ class ImageStore:
 
 
 class ImageStoreWriter:
-    """Writes images into a (possibly partly built) store. Used by data.build.
+    """Writes images into a (possibly partly built) store. Used by build_store.py and data/built/builder.py.
 
     Re-opening an existing store resumes it: `existing_ids()` tells the builder what to skip.
     The map grows by doubling whenever LMDB reports it full, so no size has to be guessed."""

@@ -257,7 +257,7 @@ def check_kind(meta: Optional[Dict[str, Any]], expected: str, where: str) -> Opt
     None when all is well. `where` names the flag and path for the message."""
     if meta is None:
         return (f"{where}: no record of what these features are (written before feature records, or "
-                f"not by engine/extract.py); assuming {expected} features")
+                f"not by engine/inference/extract.py); assuming {expected} features")
     if meta["kind"] != expected:
         raise InputError(f"{where} holds {_describe(meta)}, not {expected} features (are the image and "
                          f"text feature paths swapped?)")

@@ -1,7 +1,7 @@
 """A trained model ready to use: weights, configs, tokenizer, context length and image preprocessing,
-from a self-describing model file (models/model_file.py) alone, or from flags for other weights.
+from a self-describing model file (models/weights/model_file.py) alone, or from flags for other weights.
 
-    from engine.model_loading import load_model
+    from engine.inference.model import load_model
     m = load_model(run="logs/NAME")          # or load_model("logs/NAME/model_fp32.pt")
 
 Flags given explicitly (model, text_model, vocab, context_length) must agree with the file's record;
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from data.files import InputError, read_json_object
-from data.images import IMAGE_MEAN, IMAGE_STD
+from data.images.transform import IMAGE_MEAN, IMAGE_STD
 
 DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
 
@@ -55,7 +55,7 @@ def add_model_flags(p, vocab_help: str = "tokenizer folder or vocab.txt (default
 
 def _tokenizer_from_record(record: Dict[str, Any]):
     from data.tokenizer import load_tokenizer
-    from models.model_file import write_vocab
+    from models.weights.model_file import write_vocab
 
     with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:
         return load_tokenizer(write_vocab(record, tmp))  # BertTokenizer keeps the vocab in memory
@@ -67,16 +67,17 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
     """See the module docstring. Raises InputError (one line) on a bad file or a conflict."""
     from data.tokenizer import load_tokenizer
     from models import CLIP, load_text_config, load_vision_config
-    from models import convert
-    from models.model_file import check_flags, configs, resolve_weights, text_shape, unwrap
+    from models.weights import (check_architecture, clip_state_from_object, load_pretrained_clip,
+                                load_weights_file, ours_from_hf_config, text_shape)
+    from models.weights.model_file import check_flags, configs, resolve_weights, unwrap
 
     path = resolve_weights(weights, run)
     state = record = None
     if path is not None and not path.is_dir():
-        obj = convert.load_weights_file(path)
+        obj = load_weights_file(path)
         state, record = unwrap(obj, path)
         if record is None:  # a plain state dict, a Chinese-CLIP checkpoint, {"module": ...}
-            state, _ = convert.clip_state_from_object(obj, path)
+            state, _ = clip_state_from_object(obj, path)
         del obj
     tokenizer = load_tokenizer(vocab) if vocab else None
     if record is not None:
@@ -87,7 +88,7 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
         image = dict(record["image"])
     elif path is not None and path.is_dir() and not (model or text_model):
         # A ChineseCLIPModel folder describes itself too: config.json, and its tokenizer when saved.
-        vision, text = convert.ours_from_hf_config(read_json_object(path / "config.json"), str(path))
+        vision, text = ours_from_hf_config(read_json_object(path / "config.json"), str(path))
         if tokenizer is None and (path / "vocab.txt").is_file():
             tokenizer = load_tokenizer(path)
         context = DEFAULT_CONTEXT if context_length is None else int(context_length)
@@ -113,8 +114,8 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
     clip = CLIP(vision, text)
     if path is not None:
         if path.is_dir():
-            convert.load_pretrained_clip(clip, path)
+            load_pretrained_clip(clip, path)
         else:
-            convert.check_architecture(state, clip.state_dict(), str(path))
+            check_architecture(state, clip.state_dict(), str(path))
             clip.load_state_dict(state, strict=True)
     return LoadedModel(clip.eval(), tokenizer, context, image, path, record)

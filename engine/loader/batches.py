@@ -11,7 +11,7 @@ import torch
 
 from data.files import InputError
 from data.sampler import ShardedSampler
-from engine.prefetch import Prefetcher
+from engine.loader.prefetch import Prefetcher
 
 log = logging.getLogger("clip")
 

@@ -1,7 +1,7 @@
 """Decode a batch of JPEG bytes on the GPU (torchvision's nvjpeg path) for a JPEG built data set.
 
-Device code lives in engine/: data.built hands the stored bytes of a batch to this decoder when the
-trainer sets it (a CUDA run reading in its own process); on CPU, data.jpeg decodes in threads.
+Device code lives in engine/: data.built.reader hands the stored bytes of a batch to this decoder when the
+trainer sets it (a CUDA run reading in its own process); on CPU, data.images.jpeg decodes in threads.
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class Prefetcher:
 
     def _to_device(self, batch):
         with torch.cuda.stream(self._stream):
-            # A tensor already on the device (JPEGs decoded there by engine.jpeg_gpu) stays as it is.
+            # A tensor already on the device (JPEGs decoded there by engine.loader.jpeg_gpu) stays as it is.
             moved = map_tensors(batch, lambda t: t if t.device.type != "cpu" else (
                 t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True))
             event = torch.cuda.Event()

@@ -1,6 +1,6 @@
 """The thread count of numpy's BLAS, and a way to run a section with one BLAS thread.
 
-Why: the CPU top-k (engine/topk_cpu.py) runs one worker thread per core, each doing one-thread
+Why: the CPU top-k (engine/retrieval/cpu_topk.py) runs one worker thread per core, each doing one-thread
 matmuls and then its own pass over the scores, so that one worker's pass overlaps the other's
 matmul. With the BLAS's own threads, every pass would leave the other core idle (~10% of the
 time on 2 cores). numpy has no such control; the OpenBLAS that numpy's wheels ship

@@ -1,6 +1,6 @@
 """Exact top-k on the CPU: score tiles of a few MB, a running k-th best score per query, and a
 selection that only looks at the entries above it. Two selections give the same results:
-`HeapTopK`, a C scan into a heap per query (engine/csrc/topk_heap.c, built by topk_native.py),
+`HeapTopK`, a C scan into a heap per query (engine/retrieval/csrc/topk_heap.c, built by topk_native.py),
 and `RunningTopK`, numpy's, used where the C scan cannot be built; this docstring describes the
 numpy one, whose design the C scan replaces with one compare per entry.
 
@@ -24,7 +24,7 @@ Tiles of one query must come in ascending image rows (the strict > relies on it)
 the blocks in order. Ties: score descending, then row ascending, like `retrieval.canonical_topk`.
 
 `search_blocks` splits the queries over one worker thread per BLAS thread ("lanes"), each with
-its own one-thread matmuls and running top-k (see engine/blas_threads.py for why).
+its own one-thread matmuls and running top-k (see engine/retrieval/blas_threads.py for why).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class _TopK:
 
 class HeapTopK(_TopK):
     """Per-query best k over the tiles fed to `add_tile`, selected by the C scan of
-    engine/csrc/topk_heap.c (a heap per query); the same results as RunningTopK at less cost."""
+    engine/retrieval/csrc/topk_heap.c (a heap per query); the same results as RunningTopK at less cost."""
 
     def __init__(self, n_queries: int, k: int, scan):
         self.k, self.scan = k, scan
@@ -263,8 +263,8 @@ def search_blocks(queries: np.ndarray, read_block, blocks, k: int, query_chunk: 
 
     `native`: select with the C scan (HeapTopK) when it can be built (None), always (True: an
     error where it cannot), or never (False: numpy's RunningTopK, which uses `group`)."""
-    from engine.blas_threads import blas_threads, single_thread_blas
-    from engine.topk_native import kernel
+    from engine.retrieval.blas_threads import blas_threads, single_thread_blas
+    from engine.retrieval.native_scan import kernel
 
     scan = kernel() if native is not False else None
     if native and scan is None:

@@ -1,4 +1,4 @@
-"""The compiled selection of the CPU top-k (engine/csrc/topk_heap.c), built on first use and loaded
+"""The compiled selection of the CPU top-k (engine/retrieval/csrc/topk_heap.c), built on first use and loaded
 with ctypes; topk_cpu.HeapTopK runs it.
 
 Why compiled: numpy's selection (topk_cpu.RunningTopK) is a chain of whole-tile passes driven from

@@ -19,7 +19,7 @@ lower group, i.e. the lower rows, like ties between entries.
 
 That block selection is the GPU path (`_search_blocks`): image blocks are copied to the device
 and everything runs in torch there. On the CPU, `_search_cpu` hands the blocks to
-engine/topk_cpu.py instead (cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per
+engine/retrieval/cpu_topk.py instead (cache-sized tiles, numpy/OpenBLAS matmuls, a running k-th best per
 query selected in C); same order, same grid.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from data.files import InputError, atomic_write
-from engine.features import FeatureSource
-from engine.topk_cpu import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
-from engine.topk_cpu import even_query_chunk
+from engine.inference.feature_files import FeatureSource
+from engine.retrieval.cpu_topk import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
+from engine.retrieval.cpu_topk import even_query_chunk
 
 
 class _LazyModule:
@@ -132,7 +132,7 @@ class Plan:
     query_chunk: int
     image_block: int
     group: int
-    # CPU path (engine/topk_cpu.py): cache-resident tiles of tile_images x tile_queries scores,
+    # CPU path (engine/retrieval/cpu_topk.py): cache-resident tiles of tile_images x tile_queries scores,
     # scanned through maxima of tile_group strided row groups.
     tile_queries: int = 1280
     tile_images: int = 2048
@@ -217,7 +217,7 @@ def search(queries: np.ndarray, images: FeatureSource, k: int, plan: Plan,
     """Top-k over the given image blocks (all by default) for every query, on this process.
 
     Returns (scores float32 [Q, k], rows int64 [Q, k]) on the CPU, in canonical order; entries
-    beyond the rows these blocks hold are (-inf, SENTINEL). The CPU searches with engine/topk_cpu.py;
+    beyond the rows these blocks hold are (-inf, SENTINEL). The CPU searches with engine/retrieval/cpu_topk.py;
     any other device with torch blocks (`_search_blocks`), which torch_blocks=True also asks for on
     the CPU (so the GPU's path is tested without a GPU).
     """
@@ -274,7 +274,7 @@ def _search_blocks(queries, images, k, plan, blocks, device, progress):
 
 
 def _search_cpu(queries, images, k, plan, blocks, progress):
-    from engine.topk_cpu import search_blocks
+    from engine.retrieval.cpu_topk import search_blocks
 
     buf = np.empty(0, np.float32)
 

@@ -35,7 +35,7 @@ import torch
 
 from data.files import InputError, atomic_path, atomic_write
 from engine import dist
-from engine.rundir import move_aside
+from engine.run.rundir import move_aside
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def resolve(resume: str, ckpt_dir: Path) -> Tuple[Path, str]:
 def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path], universal: bool = False) -> Dict[str, Any]:
     """Load model/optimizer/scheduler state into a fresh engine, and this rank's RNG states from
     rng_dir (the tag's folder; None: not restored); returns the client_state saved with it.
-    `universal`: the tag is DeepSpeed's universal form (another world size, engine.resume)."""
+    `universal`: the tag is DeepSpeed's universal form (another world size, engine.run.resume)."""
     zero3_universal = universal and engine.zero_optimization_stage() == 3
     decay = [g["weight_decay"] for g in engine.optimizer.optimizer.param_groups] if zero3_universal else None
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
@@ -238,7 +238,7 @@ def _repair_zero3_universal_load(base_optimizer, weight_decay) -> None:
       step. Each state gets its own copy.
     - it copies param group 0's hyperparameters into every group, so the no-decay group would get
       weight decay. Each group gets back its own (`weight_decay`, read before the load: the only
-      hyperparameter our groups differ in, engine.optim.param_groups)."""
+      hyperparameter our groups differ in, engine.train.optim.param_groups)."""
     for state in base_optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
@@ -283,9 +283,9 @@ def consolidated_fp32_state_dict(engine) -> Optional[Dict[str, torch.Tensor]]:
 
 def export_fp32(engine, path: Path, record: Optional[Dict[str, Any]] = None) -> Optional[Path]:
     """Write the consolidated fp32 weights on rank 0, atomically, loadable with
-    torch.load(weights_only=True): with `record` a self-describing model file (models/model_file.py),
+    torch.load(weights_only=True): with `record` a self-describing model file (models/weights/model_file.py),
     without it a plain state dict. A collective."""
-    from models.model_file import save_model_file
+    from models.weights.model_file import save_model_file
 
     state = consolidated_fp32_state_dict(engine)
     if state is not None:

@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from engine import checkpoint, dist
+from engine import dist
+from engine.run import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def export_run(engine, cfg, store) -> Optional[Path]:
     """Write <run>/model_fp32.pt (weights + record: configs, vocab, context length, preprocessing) and
     with --export-hf <run>/hf, a ChineseCLIPModel folder with tokenizer and image processor. A
     collective (the fp32 weights are gathered from every rank); rank 0 writes."""
-    from models.model_file import make_record
+    from models.weights.model_file import make_record
 
     module = engine.module
     record = make_record(module.vision_config, module.text_config, cfg.vocab, cfg.context_length,
@@ -31,7 +32,7 @@ def export_run(engine, cfg, store) -> Optional[Path]:
     if out:
         log.info("exported the consolidated fp32 weights and the model's record to %s", out)
         if cfg.export_hf:
-            from models.convert import export_hf, read_clip_weights
+            from models.weights import export_hf, read_clip_weights
 
             state, _ = read_clip_weights(out)
             report = export_hf(state, module.vision_config, module.text_config, cfg.run_dir / "hf",
@@ -48,7 +49,7 @@ def warn_preprocessing(init_from: Optional[str], store) -> Optional[str]:
         return None
     import torch
 
-    from models.model_file import unwrap
+    from models.weights.model_file import unwrap
 
     path = Path(init_from)
     if path.is_dir():

@@ -1,7 +1,7 @@
 """Run logging: plain log lines (stdout + <run>/train.log) and TensorBoard scalars, rank 0 only.
 
 Other ranks log warnings and errors only (prefixed with their rank), so a failure on rank 3 is still
-visible but eight copies of every progress line are not. The module is named engine.logging; inside
+visible but eight copies of every progress line are not. The module is named engine.run.log; inside
 it `import logging` still means the standard library (absolute imports).
 """
 from __future__ import annotations

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from data.files import InputError, atomic_write
-from engine import checkpoint, dist
+from engine import dist
+from engine.run import checkpoint
 
 log = logging.getLogger("clip")
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 from data.files import InputError
 from engine import dist
-from engine.logging import ScalarWriter, attach_run_log
+from engine.run.log import ScalarWriter, attach_run_log
 
 log = logging.getLogger(__name__)
 

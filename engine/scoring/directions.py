@@ -1,10 +1,10 @@
 """Score text->image, image->text or both from prediction files and one queries file.
 
 Text->image predictions are MUGE's ({"query_id", "item_ids": [k]}) and are read and checked by
-engine.muge_eval, so that direction scores exactly what MUGE mode scores. Image->text predictions
+engine.scoring.muge, so that direction scores exactly what MUGE mode scores. Image->text predictions
 are Chinese-CLIP's ({"image_id": i, "text_ids": [k query ids]}; "query_ids" is accepted as the
 name of the list too), checked as strictly: integer ids, exactly k unique ids, every scored image
-predicted once. The image->text reference is the queries file inverted (engine.bidir_metrics):
+predicted once. The image->text reference is the queries file inverted (engine.scoring.recall):
 images that no query lists are not scored, and predictions for them are counted and ignored.
 
 Result JSON: {"success", "mode", "score", "scoreJson": {"score", "mean_recall", "t2i": {r1, r5,
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from data.files import EXIT_BAD_INPUT, InputError, atomic_write, read_jsonl
-from engine.bidir_metrics import combine, direction_scores, invert_references
-from engine.muge_eval import SchemaError, evaluate as evaluate_muge, result_json as muge_result_json
+from engine.scoring.recall import combine, direction_scores, invert_references
+from engine.scoring.muge import SchemaError, evaluate as evaluate_muge, result_json as muge_result_json
 
 MODES = ("t2i", "i2t", "both")
 I2T_LIST_KEYS = ("text_ids", "query_ids")
@@ -31,7 +31,7 @@ def _is_int(x: Any) -> bool:
 
 def image_references(ref_path) -> Dict[int, List[int]]:
     """{image id: [ids of the queries listing it]} from a MUGE queries file."""
-    from data.pairs import read_queries
+    from data.queries import read_queries
 
     refs = invert_references({q.query_id: q.item_ids for q in read_queries(ref_path) if q.item_ids})
     if not refs:

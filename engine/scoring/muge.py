@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from data.files import EXIT_BAD_INPUT, InputError, atomic_write, json_object_line
-from engine.metrics import muge_scores
+from engine.scoring.recall import muge_scores
 
 QUERY_KEYS = ("query_id", "text_id")
 ITEM_KEYS = ("item_ids", "image_ids")

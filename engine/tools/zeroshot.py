@@ -97,7 +97,7 @@ def class_weights(model, tokenizer, classes: Sequence[str], templates: Sequence[
 
 def top_classes(image_feats: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
     """[N, k] class indices, best first; ties to the lower class index (the retrieval rule)."""
-    from engine.retrieval import canonical_topk
+    from engine.retrieval.search import canonical_topk
 
     scores = torch.from_numpy(np.asarray(image_feats, np.float32) @ np.asarray(weights, np.float32).T)
     return canonical_topk(scores, k)[1].numpy()

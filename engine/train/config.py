@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from data.files import InputError, read_json_object
-from engine.speed import SpeedSettings, add_speed_arguments, speed_settings
+from engine.train.speed import SpeedSettings, add_speed_arguments, speed_settings
 
 # Sections the trainer owns: the optimizer and schedule come from --lr/--wd/--warmup, TensorBoard is
-# written by engine.logging (DeepSpeed's own monitor needs the `tensorboard` package).
+# written by engine.run.log (DeepSpeed's own monitor needs the `tensorboard` package).
 _OWNED_SECTIONS = {
     "optimizer": "remove it: the trainer builds AdamW from --lr/--wd (no decay on biases, norms, "
                  "embeddings, logit scale)",
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
     m.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
-    m.add_argument("--clip-weight-path", default=None, help="converted image tower .pt (models.convert)")
+    m.add_argument("--clip-weight-path", default=None, help="converted image tower .pt (models.weights)")
     m.add_argument("--bert-weight-path", default=None, help="converted text tower .pt or a RoBERTa folder")
     m.add_argument("--init-from", default=None,
                    help="whole-model init: Chinese-CLIP .pt, HF ChineseCLIP folder, or our model_fp32.pt")
@@ -322,7 +322,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         args.deepspeed_config = args.deepscale_config
     ds = load_ds_settings(args.deepspeed_config, ws, gpu)
 
-    if not Path(args.train_data).is_dir():  # a folder is a built data set (engine.train_data)
+    if not Path(args.train_data).is_dir():  # a folder is a built data set (engine.loader.sources)
         _need_file(args.train_data, "--train-data")
     _need_exists(args.train_img, "--train-img")
     if (args.val_data is None) != (args.val_img is None):
@@ -338,7 +338,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         raise InputError("--init-from loads the whole model; drop --clip-weight-path/--bert-weight-path "
                          "(or drop --init-from)")
     vocab = _resolve_vocab(args)
-    from engine.train_data import check_data_flags
+    from engine.loader.sources import check_data_flags
 
     check_data_flags(args.train_data, args.train_img, args.val_data, vocab, args.context_length)
 

@@ -1,7 +1,7 @@
 """Speed options of a training run (--patch-dropout, --compile, --threads) and the throughput figures
 the log shows beside samples/s (TFLOP/s per device, MFU).
 
-Kept apart from engine/config.py so that file stays about what a run trains on; config.py adds these
+Kept apart from engine/train/config.py so that file stays about what a run trains on; config.py adds these
 flags to its parser and stores the resolved SpeedSettings in TrainConfig.speed.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.files import InputError
-from engine import flops
+from engine.train import flops
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class SpeedSettings:
     patch_dropout: float = 0.0
     compile: bool = False
-    threads: Optional[int] = None  # None: chosen per rank from the cores available (engine.threads)
+    threads: Optional[int] = None  # None: chosen per rank from the cores available (engine.train.threads)
 
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ class Throughput:
     """TFLOP/s per device and MFU from samples/s, for one run's model and precision."""
 
     def __init__(self, model, cfg):
-        """model: models.CLIP; cfg: engine.config.TrainConfig."""
+        """model: models.CLIP; cfg: engine.train.config.TrainConfig."""
         self.per_sample = flops.clip_sample_flops(model.vision_config, model.text_config, cfg.context_length,
                                                   cfg.speed.patch_dropout).train
         self.device, cuda_name = flops.describe_device()

@@ -20,14 +20,17 @@ import numpy as np
 import torch
 
 from data.files import InputError
-from engine import checkpoint, dist, resume, rundir
-from engine.accumulation import ContrastiveStep
-from engine.config import TrainConfig, write_config
-from engine.export import export_run, warn_preprocessing
-from engine.logging import ScalarWriter, setup_logging
-from engine.optim import build_optimizer, param_groups, scheduler_factory
-from engine.speed import Throughput
-from engine.threads import apply_threads
+from engine import dist
+from engine.run import checkpoint
+from engine.run import resume
+from engine.run import rundir
+from engine.train.step import ContrastiveStep
+from engine.train.config import TrainConfig, write_config
+from engine.run.export import export_run, warn_preprocessing
+from engine.run.log import ScalarWriter, setup_logging
+from engine.train.optim import build_optimizer, param_groups, scheduler_factory
+from engine.train.speed import Throughput
+from engine.train.threads import apply_threads
 
 log = logging.getLogger("clip")
 
@@ -69,14 +72,14 @@ class Trainer:
 
     def _build_data(self):
         from data.tokenizer import load_tokenizer
-        from engine.train_data import open_training_data, open_validation_data
+        from engine.loader.sources import open_training_data, open_validation_data
         from models import load_vision_config
 
         cfg = self.cfg
         want = load_vision_config(cfg.model).image_resolution  # read from the config: nothing built yet
         self.tokenizer = load_tokenizer(cfg.vocab)
         data = open_training_data(cfg, self.tokenizer, want)
-        self.dataset, self.store = data.dataset, data.images
+        self.dataset, self.store = data.dataset, data.images.transform
         self.val = open_validation_data(cfg, want)
 
     def _vocab_size(self) -> Optional[int]:
@@ -95,19 +98,19 @@ class Trainer:
         return n_tok
 
     def _load_weights(self, model) -> None:
-        from models import convert
+        from models.weights import VocabMismatchError, load_image_tower, load_pretrained_clip, load_text_tower
 
         cfg = self.cfg
         try:
             if cfg.init_from:
-                log.info("init: %s", convert.load_pretrained_clip(model, cfg.init_from))
+                log.info("init: %s", load_pretrained_clip(model, cfg.init_from))
                 warn_preprocessing(cfg.init_from, self.store)
             if cfg.clip_weight_path:
-                log.info("image tower: %s", convert.load_image_tower(model, cfg.clip_weight_path))
+                log.info("image tower: %s", load_image_tower(model, cfg.clip_weight_path))
             if cfg.bert_weight_path:
-                log.info("text tower: %s", convert.load_text_tower(model, cfg.bert_weight_path))
+                log.info("text tower: %s", load_text_tower(model, cfg.bert_weight_path))
         except InputError as e:  # a vocabulary of another size: add the likely cause
-            note = getattr(self, "_vocab_note", None) if isinstance(e, convert.VocabMismatchError) else None
+            note = getattr(self, "_vocab_note", None) if isinstance(e, VocabMismatchError) else None
             raise InputError(f"{e}\n({note})" if note else str(e)) from None
 
     def _build_model(self):
@@ -177,7 +180,7 @@ class Trainer:
         model = self._build_model()
         self.rate = Throughput(model, cfg)  # TFLOP/s and MFU beside samples/s
         micro, gas = cfg.ds.micro_batch, cfg.ds.grad_accum
-        from engine.loading import build_sampler
+        from engine.loader.batches import build_sampler
 
         sampler = build_sampler(self.dataset, dist.rank(), cfg.world_size, cfg.seed, cfg.shard_local,
                                 cfg.train_data)
@@ -238,14 +241,14 @@ class Trainer:
 
     def _batches(self, sampler, epoch: int, start_step: int):
         """The epoch's micro-batches from start_step on, read one step ahead in the background."""
-        from engine.loading import epoch_batches
+        from engine.loader.batches import epoch_batches
 
         cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
         return epoch_batches(self.dataset, sampler, epoch, start_step * micro * gas, micro, cfg.num_workers,
                              cfg.seed, self.device, depth=max(2, gas), timeout_s=cfg.dist_timeout)
 
     def _prepare(self, batch):
-        from data.images import normalize_uint8
+        from data.images.transform import normalize_uint8
 
         pixels = batch["image"].to(self.device, non_blocking=True)
         pixels = normalize_uint8(pixels, self.store.mean, self.store.std, dtype=self.dtype)
@@ -360,7 +363,7 @@ class Trainer:
         """Full-pool recall both ways on the validation split (every rank takes part)."""
         if self.val is None:
             return None
-        from engine.evaluation import describe, evaluate_both_directions
+        from engine.train.validation import describe, evaluate_both_directions
 
         cfg, engine = self.cfg, self.engine
         store, queries = self.val

@@ -1,6 +1,6 @@
 """Full-pool retrieval recall of a model on a split, for the trainer's validation.
 
-The same three steps as the CLIs (engine.extract -> engine.retrieval -> engine.metrics), in
+The same three steps as the CLIs (engine.inference.extract -> engine.retrieval.search -> engine.scoring.recall), in
 memory: every rank encodes its shard, the features are gathered, every rank searches its blocks,
 the top-k lists are merged, and every rank computes the same scores. Image->text runs the same
 exact top-k engine with the roles swapped (images are the queries, texts the database).
@@ -12,11 +12,11 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.bidir_metrics import direction_scores, flat_scores, invert_references
-from engine.extract import encode_images, encode_texts, eval_mode, gather_features
-from engine.features import ArraySource
-from engine.metrics import muge_scores
-from engine.retrieval import distributed_search, plan_blocks, rows_to_ids
+from engine.scoring.recall import direction_scores, flat_scores, invert_references
+from engine.inference.extract import encode_images, encode_texts, eval_mode, gather_features
+from engine.inference.feature_files import ArraySource
+from engine.scoring.recall import muge_scores
+from engine.retrieval.search import distributed_search, plan_blocks, rows_to_ids
 
 
 def exact_topk_ids(query_feats: np.ndarray, db_ids: np.ndarray, db_feats: np.ndarray, k: int,
@@ -59,7 +59,7 @@ def evaluate_retrieval(model, store, queries, tokenizer, context_length: int, ba
 def evaluate_both_directions(model, store, queries, tokenizer, context_length: int, batch_size: int,
                              device: torch.device, k: int = 10, image_ids: Optional[Sequence[int]] = None,
                              max_memory_mb: float = 2048) -> Dict[str, float]:
-    """Text->image and image->text recall from one encoding pass: engine.bidir_metrics.flat_scores
+    """Text->image and image->text recall from one encoding pass: engine.scoring.recall.flat_scores
     (r1/r5/r10/mean_recall for t2i as evaluate_retrieval gives them, t2i_*, i2t_*,
     mean_recall_both). Image->text scores the images that at least one scored query lists."""
     scored = _scored(queries)

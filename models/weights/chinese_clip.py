@@ -6,8 +6,8 @@ from typing import Mapping, Tuple
 
 import torch
 
-from .convert_core import _BUFFER_SUFFIXES, ConversionReport, StateDict, WeightConversionError
-from .convert_roberta import _fix_legacy_names
+from .core import _BUFFER_SUFFIXES, ConversionReport, StateDict, WeightConversionError
+from .roberta import _fix_legacy_names
 
 # --------------------------------------------------------------------------------------------------
 # Chinese-CLIP checkpoints

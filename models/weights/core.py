@@ -1,6 +1,6 @@
-"""Shared by every weight format: errors, reports, key and shape checks, reading and writing files,
-and vision configs read from weights. The formats live in convert_openai.py, convert_roberta.py,
-convert_chinese_clip.py and convert_hf.py; models/convert.py is the entry point that re-exports them."""
+"""Shared by every weight format: errors, reports, key and shape checks, reading and writing files.
+The formats live in openai.py, roberta.py, chinese_clip.py, hf.py and model_file.py; the architecture
+read from weights' shapes in shapes.py; load.py holds the entry points the trainer calls."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,9 @@ import torch
 
 from data.files import InputError, atomic_path, atomic_write
 
-from .config import list_model_configs, load_text_config, load_vision_config
-from .text import arch_dict
-from .vit import VisionConfig
+from ..clip import build_clip
+from ..config import load_vision_config
+from ..vit import VisionConfig, VisionTransformer
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,8 +108,6 @@ def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.S
 def expected_shapes(vision: Union[str, PathLike, VisionConfig], text, vocab_size: Optional[int] = None
                     ) -> Dict[str, torch.Size]:
     """Our state dict's key -> shape for a pair of configs, without allocating weights."""
-    from .clip import build_clip
-
     with torch.device("meta"):
         model = build_clip(vision, text, vocab_size=vocab_size)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -117,16 +115,12 @@ def expected_shapes(vision: Union[str, PathLike, VisionConfig], text, vocab_size
 
 def expected_state(vision, text, vocab_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Our state dict for a pair of configs as meta tensors (shapes only, no memory)."""
-    from .clip import build_clip
-
     with torch.device("meta"):
         return build_clip(vision, text, vocab_size=vocab_size).state_dict()
 
 
 def image_tower_shapes(vision: Union[str, PathLike, VisionConfig]) -> Dict[str, torch.Size]:
     """`visual.*` and `logit_scale` shapes of our model for a vision config."""
-    from .vit import VisionTransformer
-
     with torch.device("meta"):
         visual = VisionTransformer(load_vision_config(vision))
     shapes = {"visual." + k: v.shape for k, v in visual.state_dict().items()}
@@ -187,56 +181,6 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> None:
 def save_checkpoint_dict(obj: dict, path: PathLike) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-# --------------------------------------------------------------------------------------------------
-# Vision configs from weights
-# --------------------------------------------------------------------------------------------------
-
-def infer_vision_config(state: Mapping[str, torch.Tensor], prefix: str = "visual.") -> VisionConfig:
-    """Read a ViT's shape from OpenAI-layout weights. Heads are not stored in the weights: we take them
-    from the named config with the same shapes (ViT-H-14 uses 80-wide heads), else OpenAI's width // 64."""
-    try:
-        width = state[prefix + "class_embedding"].shape[0]
-        patch = state[prefix + "conv1.weight"].shape[-1]
-        positions = state[prefix + "positional_embedding"].shape[0]
-        embed_dim = state[prefix + "proj"].shape[1]
-    except KeyError as e:
-        raise WeightConversionError(f"not a ViT in OpenAI's layout: no {e.args[0]!r} "
-                                    f"(ResNet CLIP models are not supported)") from None
-    grid = round((positions - 1) ** 0.5)
-    if grid * grid + 1 != positions:
-        raise WeightConversionError(f"{prefix}positional_embedding has {positions} rows, not grid^2 + 1")
-    layer_ids = {int(m.group(1)) for k in state
-                 if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))}
-    if not layer_ids or layer_ids != set(range(len(layer_ids))):
-        raise WeightConversionError(f"{prefix}transformer.resblocks: layer indices {sorted(layer_ids)} "
-                                    "are not 0..N-1")
-    act = "quick_gelu"
-    shape = dict(embed_dim=embed_dim, image_resolution=grid * patch, vision_layers=len(layer_ids),
-                 vision_width=width, vision_patch_size=patch)
-    named = match_vision_config(VisionConfig(**shape, vision_heads=max(1, width // 64), act=act))
-    heads = load_vision_config(named).vision_heads if named else max(1, width // 64)
-    return VisionConfig(**shape, vision_heads=heads, act=act)
-
-
-def match_vision_config(cfg: VisionConfig) -> Optional[str]:
-    """The named vision config with the same tensor shapes (heads and activation aside), if any."""
-    keys = ("embed_dim", "image_resolution", "vision_layers", "vision_width", "vision_patch_size")
-    for name in list_model_configs()["vision"]:
-        named = load_vision_config(name)
-        if all(getattr(named, k) == getattr(cfg, k) for k in keys):
-            return name
-    return None
-
-
-def match_text_config(config) -> Optional[str]:
-    """The named text config with the same architecture fields, if any."""
-    want = arch_dict(config)
-    for name in list_model_configs()["text"]:
-        if arch_dict(load_text_config(name)) == want:
-            return name
-    return None
 
 
 def write_config_json(data: dict, path: PathLike) -> None:

@@ -12,13 +12,13 @@ import torch
 
 from data.files import read_json_object
 
-from .config import vision_config_from_dict
-from .text import config_to_json_dict, make_bert_config
-from .vit import VisionConfig
-from .convert_core import (
-    _BUFFER_SUFFIXES, check_keys, ConversionReport, expected_shapes, match_text_config,
-    match_vision_config, PathLike, StateDict, summarize_keys, WeightConversionError)
-from .convert_roberta import _fix_legacy_names, _read_folder_weights
+from ..config import vision_config_from_dict
+from ..text import config_to_json_dict, make_bert_config
+from ..vit import VisionConfig
+from .core import (_BUFFER_SUFFIXES, ConversionReport, PathLike, StateDict, WeightConversionError, check_keys,
+                   expected_shapes, summarize_keys)
+from .shapes import match_text_config, match_vision_config
+from .roberta import _fix_legacy_names, _read_folder_weights
 
 # --------------------------------------------------------------------------------------------------
 # transformers ChineseCLIPModel folders

@@ -1,23 +1,6 @@
-"""Weight formats in and out of our CLIP state dict: the entry points, and every format re-exported.
-
-One module per format: convert_openai.py, convert_roberta.py, convert_chinese_clip.py, convert_hf.py,
-sharing convert_core.py.
-
-Our state dict ("ours"): `visual.*` (OpenAI ViT layout), `bert.*` (BertModel without pooler),
-`text_projection` [text_hidden, embed_dim], `logit_scale` [1]. Formats:
-
-- OpenAI's TorchScript checkpoint (ViT-B-16.pt as distributed) -> `visual.*` + `logit_scale`. Only
-  `convert_openai` calls torch.jit.load, which executes code stored in the file; everything else loads
-  with weights_only=True.
-- A Chinese RoBERTa folder (config.json or bert_config.json, pytorch_model.bin or model.safetensors,
-  keys prefixed `bert.`) -> `bert.*`; MLM/NSP heads and pooler ignored.
-- Chinese-CLIP checkpoints ({"epoch", "step", "name", "state_dict"}, keys prefixed `module.`, 0-dim
-  logit_scale) <-> ours.
-- A transformers ChineseCLIPModel folder (save_pretrained / from_pretrained) <-> ours.
-
-Every conversion returns a ConversionReport (what was mapped, what was dropped and why) and raises
-WeightConversionError, listing keys, on unmapped, missing or wrongly shaped tensors.
-"""
+"""The entry points the trainer and the tools call to load a whole CLIP, or one tower, into a model:
+whatever the source's format, every tensor is checked against the model's keys and shapes first, and a
+mismatch is one error naming what the weights are and what the model is."""
 from __future__ import annotations
 
 import json
@@ -27,26 +10,19 @@ from typing import Dict, Mapping, Tuple
 import torch
 from torch import nn
 
-from .convert_core import (  # noqa: F401  (re-exported: callers use models.convert.X)
-    ConversionReport, PathLike, StateDict, VocabMismatchError, WeightConversionError, _BUFFER_SUFFIXES,
-    _tensors_only, check_keys, expected_shapes, expected_state, image_tower_shapes, infer_vision_config,
-    is_torchscript, load_weights_file, match_text_config, match_vision_config, save_checkpoint_dict,
-    save_state_dict, summarize_keys, write_config_json)
-from .convert_openai import convert_openai  # noqa: F401
-from .convert_roberta import (  # noqa: F401
-    _fix_legacy_names, _read_folder_weights, check_text_compatible, convert_roberta, read_roberta_config)
-from .convert_chinese_clip import from_chinese_clip, to_chinese_clip  # noqa: F401
-from .convert_hf import (  # noqa: F401
-    convert_hf, export_hf, from_hf_state, hf_config_from_ours, ours_from_hf_config, to_hf_state)
+from .chinese_clip import from_chinese_clip
+from .core import (_BUFFER_SUFFIXES, ConversionReport, PathLike, StateDict, VocabMismatchError,
+                   WeightConversionError, _tensors_only, check_keys, load_weights_file)
+from .hf import convert_hf, ours_from_hf_config
+from .model_file import is_model_file
+from .roberta import _fix_legacy_names, check_text_compatible, convert_roberta
+from .shapes import describe_state, text_shape
 
 
-# --------------------------------------------------------------------------------------------------
-# Entry points the trainer calls
-# --------------------------------------------------------------------------------------------------
 
 def read_clip_weights(path: PathLike) -> Tuple[StateDict, ConversionReport]:
     """Any full-CLIP source -> our state dict: a ChineseCLIPModel folder, a Chinese-CLIP checkpoint,
-    our model file (models/model_file.py) or plain state dict (save_state_dict), or {"module": ...}."""
+    our model file (model_file.py) or plain state dict (save_state_dict), or {"module": ...}."""
     path = Path(path)
     if path.is_dir():
         state, _, _, report = convert_hf(path)
@@ -56,8 +32,6 @@ def read_clip_weights(path: PathLike) -> Tuple[StateDict, ConversionReport]:
 
 def clip_state_from_object(obj: Mapping, path: PathLike) -> Tuple[StateDict, ConversionReport]:
     """read_clip_weights for a file already loaded (load_weights_file)."""
-    from .model_file import is_model_file
-
     if is_model_file(obj):
         state = _tensors_only(obj["weights"], path)
         return state, ConversionReport(f"model file {path}", "CLIP (ours)", mapped=len(state))
@@ -133,8 +107,6 @@ def load_pretrained_clip(model: nn.Module, path: PathLike) -> str:
 def check_architecture(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], what: str) -> None:
     """check_keys, but a different architecture is one line naming what the weights are (read from
     their shapes) and what the model is, and a different text vocabulary raises VocabMismatchError."""
-    from .model_file import describe_state, text_shape
-
     try:
         check_keys(state, {k: v.shape for k, v in model_state.items()}, what)
     except WeightConversionError:

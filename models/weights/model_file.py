@@ -12,34 +12,29 @@ dicts, strings, numbers and tensors, so torch.load(weights_only=True) reads it:
                  "image": {"resolution", "mean", "std", "resize"}}}
 
 A plain state dict (an older model_fp32.pt, or a converted file) still loads everywhere; the tools
-then need --model/--text-model/--vocab as before. `describe_state` reads an architecture from the
-weights' shapes, so a mismatch is reported as one line naming what the weights are.
+then need --model/--text-model/--vocab as before. shapes.describe_state reads an architecture from
+the weights' shapes, so a mismatch is reported as one line naming what the weights are.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 from data.files import InputError, atomic_path
+from data.tokenizer import vocab_file
 
-from .config import list_model_configs, load_text_config, load_vision_config
-from .text import ARCH_FIELDS, config_to_json_dict, make_bert_config
-from .vit import VisionConfig
+from ..config import load_text_config, load_vision_config
+from ..text import ARCH_FIELDS, config_to_json_dict, make_bert_config
+from ..vit import VisionConfig
+from .core import load_weights_file
 
 FORMAT = "clip-model-v1"
 PathLike = Union[str, os.PathLike]
 Record = Dict[str, Any]
-
-
-def vocab_file(path: PathLike) -> Path:
-    """The vocab.txt of a tokenizer folder, or the file itself."""
-    path = Path(path)
-    return path / "vocab.txt" if path.is_dir() else path
 
 
 def vocab_sha256(path: PathLike) -> str:
@@ -83,8 +78,6 @@ def unwrap(obj: Mapping, path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optio
 
 def read_model_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[Record]]:
     """torch.load(weights_only=True) a model file -> (state dict, record or None for a plain one)."""
-    from .convert import load_weights_file
-
     return unwrap(load_weights_file(path), path)
 
 
@@ -141,48 +134,3 @@ def check_flags(record: Record, path: PathLike, model: Optional[str] = None, tex
     if context_length is not None and context_length != record.get("context_length", context_length):
         raise InputError(f"--context-length {context_length} conflicts with {path}, trained with "
                          f"{record['context_length']}; drop --context-length to use the file's")
-
-
-# --- architecture from shapes ---------------------------------------------------------------------
-
-def text_shape(state: Mapping[str, torch.Tensor]) -> Optional[Dict[str, int]]:
-    """hidden size, layers, intermediate size, positions and vocab size of `bert.*` weights."""
-    emb = state.get("bert.embeddings.word_embeddings.weight")
-    if emb is None:
-        return None
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k))}
-    inter = state.get("bert.encoder.layer.0.intermediate.dense.weight")
-    pos = state.get("bert.embeddings.position_embeddings.weight")
-    return {"hidden_size": int(emb.shape[1]), "num_hidden_layers": len(layers), "vocab_size": int(emb.shape[0]),
-            "intermediate_size": int(inter.shape[0]) if inter is not None else 0,
-            "max_position_embeddings": int(pos.shape[0]) if pos is not None else 0}
-
-
-def _named_text(shape: Dict[str, int]) -> Optional[str]:
-    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings")
-    for name in list_model_configs()["text"]:
-        cfg = load_text_config(name)
-        if all(getattr(cfg, k) == shape[k] for k in keys):
-            return name
-    return None
-
-
-def describe_state(state: Mapping[str, torch.Tensor]) -> str:
-    """One phrase naming the architecture the weights have, read from their shapes."""
-    from .convert import WeightConversionError, infer_vision_config, match_vision_config
-
-    parts = []
-    try:
-        v = infer_vision_config(state)
-        name = match_vision_config(v)
-        parts.append(f"vision {name or 'unnamed'} (width {v.vision_width}, {v.vision_layers} layers, patch "
-                     f"{v.vision_patch_size}, {v.image_resolution} px, embed {v.embed_dim})")
-    except WeightConversionError:
-        parts.append("no ViT in OpenAI's layout")
-    t = text_shape(state)
-    if t is None:
-        parts.append("no text tower")
-    else:
-        parts.append(f"text {_named_text(t) or 'unnamed'} (hidden {t['hidden_size']}, {t['num_hidden_layers']} "
-                     f"layers, vocab {t['vocab_size']})")
-    return " + ".join(parts)

@@ -8,10 +8,10 @@ from typing import Tuple
 
 import torch
 
-from .vit import VisionConfig
-from .convert_core import (
-    check_keys, ConversionReport, image_tower_shapes, infer_vision_config, is_torchscript,
-    load_weights_file, match_vision_config, PathLike, StateDict, WeightConversionError)
+from ..vit import VisionConfig
+from .core import (ConversionReport, PathLike, StateDict, WeightConversionError, check_keys, image_tower_shapes,
+                   is_torchscript, load_weights_file)
+from .shapes import infer_vision_config, match_vision_config
 
 # --------------------------------------------------------------------------------------------------
 # OpenAI TorchScript -> image tower

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .text import arch_dict, make_bert_config
-from .convert_core import (
-    _BUFFER_SUFFIXES, check_keys, ConversionReport, load_weights_file, match_text_config, PathLike,
-    StateDict, _tensors_only, WeightConversionError)
+from ..text import arch_dict, build_bert, make_bert_config
+from .core import (_BUFFER_SUFFIXES, ConversionReport, PathLike, StateDict, WeightConversionError, _tensors_only,
+                   check_keys, load_weights_file)
+from .shapes import match_text_config
 
 # --------------------------------------------------------------------------------------------------
 # Chinese RoBERTa folder -> text tower
@@ -78,8 +78,6 @@ def convert_roberta(folder: PathLike):
             report.drop("index buffers, not weights", key)
         else:
             out[name] = value
-    from .text import build_bert
-
     with torch.device("meta"):
         expected = {"bert." + k: v.shape for k, v in build_bert(config).state_dict().items()}
     check_keys(out, expected, f"{folder}")

@@ -1,6 +1,6 @@
 """Benchmark of the training engine (CPU).
 
-1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.accumulation.ContrastiveStep,
+1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.train.step.ContrastiveStep,
    exactly what the trainer runs) against a plain PyTorch loop (model, ClipLoss, AdamW with the same
    parameter groups, grad clipping, LambdaLR) on the same model and the same in-memory batches, one
    process, and against the peer baseline: open_clip's CLIP at our towers' sizes with its ClipLoss in
@@ -52,14 +52,14 @@ def _batches(vision: str, text: str, batch: int, n: int, seed: int = 0):
 
 
 def _prep(batch):
-    from data.images import normalize_uint8
+    from data.images.transform import normalize_uint8
 
     return normalize_uint8(batch[0]), batch[1]
 
 
 def _optimizer(model):
     """Our optimizer (AdamW, our parameter groups) and warm-up + cosine schedule, the same in every loop."""
-    from engine.optim import build_optimizer, param_groups, scheduler_factory
+    from engine.train.optim import build_optimizer, param_groups, scheduler_factory
 
     opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
     return opt, scheduler_factory(10, 1000)
@@ -110,7 +110,7 @@ def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeat
     import torch
 
     from engine import dist
-    from engine.accumulation import ContrastiveStep
+    from engine.train.step import ContrastiveStep
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
@@ -184,8 +184,8 @@ def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out
     import torch
 
     from engine import dist
-    from engine.accumulation import ContrastiveStep
-    from engine.optim import build_optimizer, param_groups
+    from engine.train.step import ContrastiveStep
+    from engine.train.optim import build_optimizer, param_groups
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
