@@ -23,14 +23,14 @@ class Query:
     where: str = field(default="", compare=False)  # "file:line", for later error messages
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def parse_query(obj: dict, where: str) -> Tuple[int, str, List[int]]:
     """(query id, text, item ids) of one jsonl object; InputError naming `where` if malformed."""
     qid = obj.get("query_id")
-    if not _is_int(qid):
+    if not is_int(qid):
         raise InputError(f"{where}: 'query_id' must be an integer, got {qid!r}")
     text = obj.get("query_text")
     if not isinstance(text, str) or not text.strip():
@@ -38,7 +38,7 @@ def parse_query(obj: dict, where: str) -> Tuple[int, str, List[int]]:
     items = obj.get("item_ids", [])
     if items is None:
         items = []
-    if not isinstance(items, list) or not all(_is_int(i) for i in items):
+    if not isinstance(items, list) or not all(is_int(i) for i in items):
         raise InputError(f"{where}: 'item_ids' must be a list of integers, got {items!r}")
     return qid, text, items
 

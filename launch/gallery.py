@@ -20,7 +20,7 @@ from data.images.store import ImageStore  # noqa: E402
 from data.queries import read_queries  # noqa: E402
 from engine.tools.gallery import choose_queries, failed_queries, render_gallery  # noqa: E402
 from engine.scoring.recall import muge_scores  # noqa: E402
-from engine.scoring.muge import parse_predictions  # noqa: E402
+from engine.scoring.predictions import parse_predictions  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,12 @@
 """Build the shards of a built data set and finalize it (the layout: data/built/layout.py).
 
-Each shard: images (decoded and transformed by the image sources' readers (data/images/sources.py), in a pool of
-processes) committed to its LMDB chunk by chunk, so a killed build resumes where it stopped; then its
-pair arrays, written whole and atomically; then shard.json, its mark of completion. `finalize` checks
-every shard and writes manifest.json (complete: true) last.
+Each shard: images (read and decoded by data/images/sources.py, in a pool of processes) committed to
+its LMDB chunk by chunk, so a killed build resumes where it stopped; then its pair arrays, written
+whole and atomically; then shard.json, its mark of completion. `finalize` checks every shard and
+writes manifest.json (complete: true) last.
 """
 from __future__ import annotations
 
-import collections
 import json
 import multiprocessing as mp
 import os
@@ -17,14 +16,17 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
-from data.images.sources import BuildError, decode_chunk, open_source
 from data.built.layout import (DATASET_FORMAT, MANIFEST, SHARD_DONE, BuildOptions, ShardResult, our_store,
                                settings, shard_of, vocab_fingerprint)
 from data.built.plan import Plan, num_shards_for, read_plan, tokenize_texts
 from data.files import InputError, atomic_path, atomic_write, read_json_object
-from data.images.transform import IMAGE_MEAN, IMAGE_STD
+from data.images.jpeg import encode_jpeg
+from data.images.sources import (BuildError, commit_decoded, decode_chunk, in_order, open_source,
+                                 write_skip_report)
 from data.images.store import FORMAT, JPEG_FORMAT, ImageStore, ImageStoreWriter
+from data.images.transform import IMAGE_MEAN, IMAGE_STD
 
 
 # ---- one shard -------------------------------------------------------------------------------
@@ -40,8 +42,6 @@ def _encode_chunk(args):
     out = decode_chunk((items, resolution, resize))
     if image_format != "jpeg":
         return out
-    from data.images.jpeg import encode_jpeg
-
     shape = (3, resolution, resolution)
     return [(i, w, None if a is None else encode_jpeg(np.frombuffer(a, np.uint8).reshape(shape), quality), e)
             for i, w, a, e in out]
@@ -85,16 +85,7 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, store: Optional[
                   res: ShardResult, bar) -> None:
     """Decode (in a pool of processes) and commit the images of `todo` chunk by chunk."""
     def handle(decoded):
-        good = []
-        for image_id, where, data, err in decoded:
-            if data is not None:
-                good.append((image_id, data))
-            elif opts.on_error == "fail":
-                writer.put_many(good)  # keep what came before the bad image: a rerun resumes after it
-                raise BuildError(f"{where}: image id {image_id}: {err}")
-            else:
-                res.bad_images.append((image_id, where, err))
-        bar.update(writer.put_many(good))
+        bar.update(commit_decoded(writer, decoded, opts.on_error, lambda *bad: res.bad_images.append(bad)))
         _test_fault(writer)
 
     if store is not None:  # one of our stores: copy its uint8 images (JPEG-encoded for a JPEG set)
@@ -103,27 +94,20 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, store: Optional[
             part = [x for x in ids[i:i + 256] if x in store]
             arrs = store.get_many(part)
             if opts.image_format == "jpeg":
-                from data.images.jpeg import encode_jpeg
-
                 handle([(x, str(store.path), encode_jpeg(a, opts.jpeg_quality), "") for x, a in zip(part, arrs)])
             else:
                 handle([(x, str(store.path), a.tobytes(), "") for x, a in zip(part, arrs)])
         return
     workers = max(1, opts.workers)
     args = (opts.resolution, writer.resize, opts.image_format, opts.jpeg_quality)
+    chunks = _source_chunks(opts, todo, res)
     if workers == 1:
-        for chunk in _source_chunks(opts, todo, res):
-            handle(_encode_chunk((chunk, *args)))
+        for decoded in in_order(None, _encode_chunk, chunks, workers, args):
+            handle(decoded)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in _source_chunks(opts, todo, res):
-            pending.append(pool.apply_async(_encode_chunk, ((chunk, *args),)))
-            while len(pending) >= 4 * workers:  # bounded look-ahead, as in data.images.build_store
-                handle(pending.popleft().get())
-        while pending:
-            handle(pending.popleft().get())
+    with mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers) as pool:
+        for decoded in in_order(pool, _encode_chunk, chunks, workers, args):
+            handle(decoded)
 
 
 def _missing_error(opts: BuildOptions, plan: Plan, sel: np.ndarray, missing: np.ndarray, index: int):
@@ -141,23 +125,22 @@ def _save_arrays(sdir: Path, arrays: Dict[str, np.ndarray]) -> None:
             np.save(tmp, arr)
 
 
-def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
-                tokens_all: Optional[np.ndarray] = None, assign: Optional[np.ndarray] = None) -> ShardResult:
-    """Build (or resume, or find already built) shard `index` of `num_shards`. `tokens_all` (token
-    rows of every text) and `assign` (shard of every pair) save work when one process builds many."""
-    from tqdm import tqdm
+def _built_already(sdir: Path, want: Dict, index: int) -> Optional[ShardResult]:
+    """The shard's result when a build with the same settings finished it; refused when other
+    settings built it."""
+    if not (sdir / SHARD_DONE).is_file():
+        return None
+    old = read_json_object(sdir / SHARD_DONE)
+    if old.get("settings") != want:
+        raise InputError(f"{sdir / SHARD_DONE}: this shard was built with other settings "
+                         f"({old.get('settings')}); choose another --output")
+    return ShardResult(index, old["images"], old["pairs"], old["texts"], old["skipped_pairs"], already_built=True)
 
+
+def _shard_images(opts: BuildOptions, plan: Plan, sel: np.ndarray, index: int, num_shards: int, want: Dict,
+                  res: ShardResult) -> Tuple[np.ndarray, np.ndarray]:
+    """Commit the images the shard's pairs use; (image ids present, image ids missing)."""
     sdir = shard_dir(opts.output, index)
-    want = settings(opts, num_shards)
-    if (sdir / SHARD_DONE).is_file():
-        old = read_json_object(sdir / SHARD_DONE)
-        if old.get("settings") != want:
-            raise InputError(f"{sdir / SHARD_DONE}: this shard was built with other settings "
-                             f"({old.get('settings')}); choose another --output")
-        return ShardResult(index, old["images"], old["pairs"], old["texts"], old["skipped_pairs"],
-                           already_built=True)
-    res = ShardResult(index)
-    sel = np.nonzero((shard_of(plan.pair_image, num_shards) if assign is None else assign) == index)[0]
     needed = np.unique(plan.pair_image[sel])
     store = our_store(Path(opts.images))
     if store is not None and store.resolution != opts.resolution:
@@ -188,6 +171,21 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
         writer.close()
         if store is not None:
             store.close()
+    return present, missing
+
+
+def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
+                tokens_all: Optional[np.ndarray] = None, assign: Optional[np.ndarray] = None) -> ShardResult:
+    """Build (or resume, or find already built) shard `index` of `num_shards`. `tokens_all` (token
+    rows of every text) and `assign` (shard of every pair) save work when one process builds many."""
+    sdir = shard_dir(opts.output, index)
+    want = settings(opts, num_shards)
+    done = _built_already(sdir, want, index)
+    if done is not None:
+        return done
+    res = ShardResult(index)
+    sel = np.nonzero((shard_of(plan.pair_image, num_shards) if assign is None else assign) == index)[0]
+    present, missing = _shard_images(opts, plan, sel, index, num_shards, want, res)
     keep = sel[np.isin(plan.pair_image[sel], present)]
     res.missing_images = sorted(set(missing.tolist()) - {b[0] for b in res.bad_images})
     res.skipped_pairs, res.images, res.pairs = int(sel.size - keep.size), int(present.size), int(keep.size)
@@ -204,12 +202,8 @@ def build_shard(opts: BuildOptions, plan: Plan, index: int, num_shards: int,
                         "pair_text": pair_text.astype(np.int32).reshape(-1),
                         "tokens": tokens.astype(np.int32 if wide else np.uint16)})
     if opts.on_error == "skip":
-        with atomic_write(sdir / "skipped.tsv") as f:
-            f.write("image_id\twhere\treason\n")
-            for i in res.missing_images:
-                f.write(f"{i}\t{opts.images}\tnot in the image source\n")
-            for i, where, reason in res.bad_images:
-                f.write(f"{i}\t{where}\t{reason}\n")
+        write_skip_report(sdir / "skipped.tsv", [(i, str(opts.images), "not in the image source")
+                                                 for i in res.missing_images] + res.bad_images)
     with atomic_write(sdir / SHARD_DONE) as f:
         json.dump({"index": index, "settings": want, "images": res.images, "pairs": res.pairs,
                    "texts": res.texts, "skipped_pairs": res.skipped_pairs,

@@ -54,7 +54,7 @@ class BuildOptions:
     image_format: str = "uint8"
     jpeg_quality: int = 95
     progress: bool = True
-    resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images.transform); a store source keeps its own
+    resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images.transform); a store keeps its own
 
 
 @dataclass

@@ -7,7 +7,6 @@ interrupted build keeps every committed chunk, and a rerun skips the ids already
 """
 from __future__ import annotations
 
-import collections
 import multiprocessing as mp
 import os
 import sys
@@ -15,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from data.files import atomic_write
-from data.images.sources import BuildError, Item, PathLike, Record, decode_chunk, open_source
+from tqdm import tqdm
+
+from data.images.sources import (Item, PathLike, Record, commit_decoded, decode_chunk, in_order, open_source,
+                                 write_skip_report)
 from data.images.store import ImageStoreWriter
 from data.images.transform import IMAGE_MEAN, IMAGE_STD, check_resize
 
@@ -58,6 +59,22 @@ def _chunks(records: Iterator[Record], done: set, size: int, result: BuildResult
         yield chunk
 
 
+def _open(input_path: Path, output: PathLike, resolution: int, workers: int, **store):
+    """(kind, records, total, unit, pool or None, writer). The pool forks before the LMDB environment
+    is opened: an environment must not cross a fork."""
+    kind, records, total, unit = open_source(input_path)
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
+    try:
+        writer = ImageStoreWriter(output, resolution, source=f"{kind}:{input_path.resolve()}", **store)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    return kind, records, total, unit, pool, writer
+
+
 def build_store(input_path: PathLike, output: PathLike, resolution: int, on_error: str = "fail",
                 workers: Optional[int] = None, chunk_size: int = 64, report_path: Optional[PathLike] = None,
                 map_size: int = 1 << 28, progress: bool = True, mean=IMAGE_MEAN, std=IMAGE_STD,
@@ -70,64 +87,29 @@ def build_store(input_path: PathLike, output: PathLike, resolution: int, on_erro
     build completes without them. workers=0 or 1 decodes in this process. resize: "squash" (R×R,
     Chinese-CLIP's) or "center-crop" (see data.images.transform.preprocess_image); the manifest records it.
     """
-    from tqdm import tqdm
-
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     check_resize(resize)
     input_path = Path(input_path)
-    kind, records, total, unit = open_source(input_path)
-    result = BuildResult()
     workers = max(1, os.cpu_count() or 1) if workers is None else max(0, int(workers))
-    # The pool forks before the LMDB environment is opened: an environment must not cross a fork.
-    pool = None
-    if workers > 1:
-        pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
-    try:
-        writer = ImageStoreWriter(output, resolution, source=f"{kind}:{input_path.resolve()}",
-                                  mean=mean, std=std, map_size=map_size, resize=resize)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        raise
+    kind, records, total, unit, pool, writer = _open(input_path, output, resolution, workers, mean=mean,
+                                                     std=std, map_size=map_size, resize=resize)
+    result = BuildResult()
     bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=f"build {Path(output).name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-    def handle(decoded):
-        good = []
-        for image_id, where, arr, err in decoded:
-            if arr is not None:
-                good.append((image_id, arr))
-            elif on_error == "fail":
-                result.written += writer.put_many(good)  # keep what came before the bad image
-                raise BuildError(f"{where}: image id {image_id}: {err}")
-            else:
-                result.skipped.append((str(image_id), where, err))
-        result.written += writer.put_many(good)
-
     try:
         chunks = _chunks(records, writer.existing_ids(), chunk_size, result, bar)
-        if pool is None:
-            for chunk in chunks:
-                handle(decode_chunk((chunk, resolution, resize)))
-        else:
-            # Bounded look-ahead: at most 4 chunks per worker are read and waiting.
-            pending: collections.deque = collections.deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(decode_chunk, ((chunk, resolution, resize),)))
-                while len(pending) >= 4 * workers:
-                    handle(pending.popleft().get())
-            while pending:
-                handle(pending.popleft().get())
+        def skip(image_id, where, reason):
+            result.skipped.append((str(image_id), where, reason))
+
+        for decoded in in_order(pool, decode_chunk, chunks, workers, (resolution, resize)):
+            result.written += commit_decoded(writer, decoded, on_error, skip)
         bar.close()
         if on_error == "skip":
             result.report_path = Path(report_path) if report_path else Path(output) / "skipped.tsv"
-            with atomic_write(result.report_path) as f:
-                f.write("image_id\twhere\treason\n")
-                for image_id, where, reason in result.skipped:
-                    f.write(f"{image_id}\t{where}\t{reason}\n")
+            write_skip_report(result.report_path, result.skipped)
         result.manifest = writer.finish()
     finally:
         bar.close()

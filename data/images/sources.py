@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import lmdb
 
-from data.files import InputError
+from data.files import InputError, atomic_write
 from data.images.transform import load_and_preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -173,3 +174,48 @@ def decode_chunk(args) -> List[Tuple[Optional[int], str, Optional[bytes], str]]:
         except InputError as e:  # corrupt base64, not an image, truncated image
             out.append((image_id, where, None, str(e)))
     return out
+
+
+Decoded = List[Tuple[Optional[int], str, Optional[bytes], str]]  # (id, where, bytes or None, error)
+
+
+def in_order(pool, fn: Callable, chunks: Iterable, workers: int, args: tuple = ()) -> Iterator:
+    """fn((chunk, *args)) for every chunk, in input order: in this process without a pool, else in the
+    pool with at most 4 chunks per worker read and waiting (Pool.imap would read the whole input
+    ahead into memory)."""
+    if pool is None:
+        for chunk in chunks:
+            yield fn((chunk, *args))
+        return
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(fn, ((chunk, *args),)))
+        while len(pending) >= 4 * workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def commit_decoded(writer, decoded: Decoded, on_error: str,
+                   skip: Callable[[Optional[int], str, str], None]) -> int:
+    """Write a decoded chunk's good images; a bad one raises BuildError under on_error "fail" (after
+    the good ones before it are written, so a rerun resumes after them), or is handed to
+    skip(id, where, reason). Returns how many images were written."""
+    good = []
+    for image_id, where, data, err in decoded:
+        if data is not None:
+            good.append((image_id, data))
+        elif on_error == "fail":
+            writer.put_many(good)
+            raise BuildError(f"{where}: image id {image_id}: {err}")
+        else:
+            skip(image_id, where, err)
+    return writer.put_many(good)
+
+
+def write_skip_report(path: PathLike, rows: Iterable[Tuple[object, str, str]]) -> None:
+    """skipped.tsv: one line per image left out, with where it was and why."""
+    with atomic_write(path) as f:
+        f.write("image_id\twhere\treason\n")
+        for image_id, where, reason in rows:
+            f.write(f"{image_id}\t{where}\t{reason}\n")

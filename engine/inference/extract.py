@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine import dist
 from engine.inference.feature_files import (open_features, remove_shards, save_features, shard_name,
-                             write_feature_jsonl_parts)
+                                            write_feature_jsonl_parts)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from data.files import InputError, atomic_write
+from data.files import InputError
 from engine.inference.feature_files import FeatureSource
 from engine.retrieval.cpu_topk import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
 from engine.retrieval.cpu_topk import even_query_chunk
@@ -348,14 +348,3 @@ def _progress(total: int, enabled: bool):
 def rows_to_ids(image_ids: np.ndarray, rows: torch.Tensor) -> np.ndarray:
     """Image ids [Q, k] of the top-k rows."""
     return np.asarray(image_ids)[np.asarray(rows)]  # rows: a CPU tensor or a numpy array
-
-
-def write_predictions(path, query_ids: np.ndarray, item_ids: np.ndarray, query_key: str = "query_id",
-                      item_key: str = "item_ids") -> None:
-    """MUGE prediction jsonl, {"query_id": q, "item_ids": [k ints]} per line, atomically (other
-    keys for image->text: {"image_id": i, "text_ids": [k ints]})."""
-    import json
-
-    with atomic_write(path, "w") as f:
-        for q, items in zip(np.asarray(query_ids).tolist(), np.asarray(item_ids).tolist()):
-            f.write(json.dumps({query_key: q, item_key: items}) + "\n")

@@ -1,7 +1,8 @@
 """Score text->image, image->text or both from prediction files and one queries file.
 
 Text->image predictions are MUGE's ({"query_id", "item_ids": [k]}) and are read and checked by
-engine.scoring.muge, so that direction scores exactly what MUGE mode scores. Image->text predictions
+engine.scoring.predictions and scored by engine.scoring.muge, so that direction scores exactly what
+MUGE mode scores. Image->text predictions
 are Chinese-CLIP's ({"image_id": i, "text_ids": [k query ids]}; "query_ids" is accepted as the
 name of the list too), checked as strictly: integer ids, exactly k unique ids, every scored image
 predicted once. The image->text reference is the queries file inverted (engine.scoring.recall):
@@ -15,69 +16,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from data.files import EXIT_BAD_INPUT, InputError, atomic_write, read_jsonl
+from data.queries import read_queries
+from engine.scoring.muge import evaluate as evaluate_muge, result_json as muge_result_json
+from engine.scoring.predictions import SchemaError, parse_i2t_predictions
 from engine.scoring.recall import combine, direction_scores, invert_references
-from engine.scoring.muge import SchemaError, evaluate as evaluate_muge, result_json as muge_result_json
 
 MODES = ("t2i", "i2t", "both")
-I2T_LIST_KEYS = ("text_ids", "query_ids")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def image_references(ref_path) -> Dict[int, List[int]]:
     """{image id: [ids of the queries listing it]} from a MUGE queries file."""
-    from data.queries import read_queries
-
     refs = invert_references({q.query_id: q.item_ids for q in read_queries(ref_path) if q.item_ids})
     if not refs:
         raise SchemaError(f"{ref_path}: no query lists an image (item_ids), nothing to score image->text")
     return refs
-
-
-def _i2t_line(obj: Dict[str, Any], where: str, k: int) -> Tuple[int, List[int]]:
-    image = obj.get("image_id")
-    if not _is_int(image):
-        raise SchemaError(f"{where}: 'image_id' must be an integer, got {image!r}")
-    present = [key for key in I2T_LIST_KEYS if key in obj]
-    if not present:
-        raise SchemaError(f"{where}: no predicted text ids (expected one of {', '.join(I2T_LIST_KEYS)})")
-    if len(present) > 1 and obj[present[0]] != obj[present[1]]:
-        raise SchemaError(f"{where}: fields {' and '.join(present)} disagree")
-    texts = obj[present[0]]
-    if not isinstance(texts, list) or not all(_is_int(t) for t in texts):
-        raise SchemaError(f"{where}: the predicted text ids of image {image} must be a list of integers")
-    if len(texts) != k:
-        raise SchemaError(f"{where}: image {image} has {len(texts)} predicted text ids, exactly {k} are required")
-    if len(set(texts)) != k:
-        raise SchemaError(f"{where}: image {image} has duplicate predicted text ids")
-    return image, texts
-
-
-def parse_i2t_predictions(path, references: Dict[int, List[int]], k: int = 10
-                          ) -> Tuple[Dict[int, List[int]], int]:
-    """(predictions of the referenced images, count of predicted images outside the reference)."""
-    predictions: Dict[int, List[int]] = {}
-    seen = set()
-    ignored = 0
-    for lineno, obj in read_jsonl(path):
-        image, texts = _i2t_line(obj, f"{path}:{lineno}", k)
-        if image in seen:
-            raise SchemaError(f"{path}:{lineno}: image {image} is predicted twice")
-        seen.add(image)
-        if image in references:
-            predictions[image] = texts
-        else:
-            ignored += 1
-    missing = [i for i in references if i not in predictions]
-    if missing:
-        shown = ", ".join(str(i) for i in missing[:20]) + (", ..." if len(missing) > 20 else "")
-        raise SchemaError(f"{path}: {len(missing)} images listed by the queries have no prediction: {shown}")
-    return predictions, ignored
 
 
 def score_i2t(pred_path, ref_path, k: int = 10) -> Dict[str, float]:

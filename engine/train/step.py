@@ -34,6 +34,12 @@ from engine import dist
 Batch = Tuple[torch.Tensor, torch.Tensor]  # (pixels on device, input_ids on device)
 
 
+def _model_inputs(micro_batch) -> Batch:
+    """(pixels, input_ids) of a micro-batch: a loader's DeviceBatch normalises its images on the
+    device when asked (engine/loader/batches.py); tests and benchmarks may hand the tuple itself."""
+    return micro_batch.inputs() if hasattr(micro_batch, "inputs") else micro_batch
+
+
 class NonFiniteLoss(FloatingPointError):
     pass
 
@@ -73,13 +79,11 @@ class ContrastiveStep:
     """
 
     def __init__(self, engine, loss_fn: Callable, grad_accum: int, exact: bool = True,
-                 prepare: Callable[[object], Batch] = None, step_index: Callable[[], int] = None,
-                 before_last_step: Callable[[], None] = None):
+                 step_index: Callable[[], int] = None, before_last_step: Callable[[], None] = None):
         self.engine = engine
         self.loss_fn = loss_fn
         self.k = grad_accum
         self.exact = exact and grad_accum > 1
-        self.prepare = prepare or (lambda b: b)
         self.step_index = step_index or (lambda: -1)
         # Called after the last backward of the step, before its engine.step(): gradients are
         # complete (and, at ZeRO 0, averaged over ranks) then, e.g. for a grad-norm readout.
@@ -101,7 +105,7 @@ class ContrastiveStep:
     def _run_direct(self, micro_batches: Sequence[object]) -> StepResult:
         losses, scale = [], 0.0
         for mb in micro_batches:
-            pixels, ids = self.prepare(mb)
+            pixels, ids = _model_inputs(mb)
             out = self.engine(pixels, ids)
             s = out["logit_scale"].float()
             loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), s)
@@ -119,7 +123,7 @@ class ContrastiveStep:
         rng, img, txt, rows = [], [], [], []
         with torch.no_grad():
             for mb in micro_batches:
-                pixels, ids = self.prepare(mb)
+                pixels, ids = _model_inputs(mb)
                 rng.append(_capture_rng())
                 out = self.engine(pixels, ids)
                 img.append(out["image_features"].float())
@@ -138,7 +142,7 @@ class ContrastiveStep:
         # pass 2: re-encode each micro-batch with grad and push the cached feature gradients in.
         # (_replay_rng puts the outer RNG state back, so the run's RNG advances as in pass 1 only.)
         for j, mb in enumerate(micro_batches):
-            pixels, ids = self.prepare(mb)
+            pixels, ids = _model_inputs(mb)
             with _replay_rng(rng[j]):
                 out = self.engine(pixels, ids)
             surrogate = ((out["image_features"].float() * g_img[j]).sum()

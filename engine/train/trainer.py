@@ -8,29 +8,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import random
-import signal
 import sys
 import time
 import uuid
 from typing import Any, Dict, Optional
 
+import deepspeed
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.files import InputError
+from data.tokenizer import load_tokenizer
 from engine import dist
-from engine.run import checkpoint
-from engine.run import resume
-from engine.run import rundir
-from engine.train.step import ContrastiveStep
-from engine.train.config import TrainConfig, write_config
+from engine.loader.batches import build_sampler, device_batches
+from engine.loader.sources import open_training_data, open_validation_data
+from engine.run import checkpoint, resume, rundir
 from engine.run.export import export_run, warn_preprocessing
 from engine.run.log import ScalarWriter, setup_logging
+from engine.train.config import TrainConfig, write_config
+from engine.train.faults import inject_test_fault
 from engine.train.optim import build_optimizer, param_groups, scheduler_factory
 from engine.train.speed import Throughput
+from engine.train.step import ContrastiveStep
 from engine.train.threads import apply_threads
+from engine.train.validation import describe, evaluate_both_directions
+from models import ClipLoss, build_clip, load_text_config, load_vision_config
+from models.weights import VocabMismatchError, load_image_tower, load_pretrained_clip, load_text_tower
 
 log = logging.getLogger("clip")
 
@@ -43,21 +48,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _test_fault(step: int, before_update: bool = False) -> None:
-    """Test hook: CLIP_TEST_DIE_AT_STEP=N [CLIP_TEST_DIE_RANK=r] [CLIP_TEST_DIE_HOW=exit|kill|stop] ends
-    this rank right after optimizer step N (after any checkpoint of that step), like a crash; `stop`
-    SIGSTOPs it instead (a hung rank: alive, silent). CLIP_TEST_DIE_BEFORE_UPDATE=1 moves the fault to
-    step N's last backward, before its update, where the peers wait in ZeRO's own collectives."""
-    at = os.environ.get("CLIP_TEST_DIE_AT_STEP")
-    if not at or int(at) != step or before_update != (os.environ.get("CLIP_TEST_DIE_BEFORE_UPDATE") == "1"):
-        return
-    who = os.environ.get("CLIP_TEST_DIE_RANK")
-    if who is not None and int(who) != dist.rank():
-        return
-    how = os.environ.get("CLIP_TEST_DIE_HOW", "kill")
-    if how in ("kill", "stop"):
-        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-    os._exit(1)
+class _LogWindow:
+    """The steps since the last log line: their count, summed loss and time. Throughput counts data
+    loading + forward/backward/step only, not validation or saving."""
+
+    def __init__(self):
+        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+
+    def add(self, seconds: float, loss: float) -> None:
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, self.seconds + seconds
 
 
 class Trainer:
@@ -71,22 +70,16 @@ class Trainer:
     # --- building ---------------------------------------------------------------------------------
 
     def _build_data(self):
-        from data.tokenizer import load_tokenizer
-        from engine.loader.sources import open_training_data, open_validation_data
-        from models import load_vision_config
-
         cfg = self.cfg
         want = load_vision_config(cfg.model).image_resolution  # read from the config: nothing built yet
         self.tokenizer = load_tokenizer(cfg.vocab)
         data = open_training_data(cfg, self.tokenizer, want)
-        self.dataset, self.store = data.dataset, data.images.transform
+        self.dataset, self.store = data.dataset, data.images
         self.val = open_validation_data(cfg, want)
 
     def _vocab_size(self) -> Optional[int]:
         """The tokenizer's size when the text config says otherwise (the tiny/demo configs and a
         synthetic vocabulary); None when they agree."""
-        from models import load_text_config
-
         cfg = self.cfg
         n_tok = len(self.tokenizer.get_vocab())
         n_cfg = load_text_config(cfg.text_model).vocab_size
@@ -98,8 +91,6 @@ class Trainer:
         return n_tok
 
     def _load_weights(self, model) -> None:
-        from models.weights import VocabMismatchError, load_image_tower, load_pretrained_clip, load_text_tower
-
         cfg = self.cfg
         try:
             if cfg.init_from:
@@ -114,8 +105,6 @@ class Trainer:
             raise InputError(f"{e}\n({note})" if note else str(e)) from None
 
     def _build_model(self):
-        from models import build_clip, load_text_config
-
         cfg = self.cfg
         max_pos = load_text_config(cfg.text_model).max_position_embeddings
         if cfg.context_length > max_pos:
@@ -134,8 +123,6 @@ class Trainer:
         return model
 
     def _build_engine(self, model, total_steps: int):
-        import deepspeed
-
         cfg = self.cfg
         on_gpu = torch.cuda.is_available()
         if on_gpu:  # the optimizer should see the parameters where they will live
@@ -159,42 +146,19 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------------------
 
     def run(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        dist.init_distributed(use_deepspeed=True, timeout_s=cfg.dist_timeout, always=True)
-        if dist.world_size() != cfg.world_size:
-            raise RuntimeError(f"validated for world size {cfg.world_size}, joined {dist.world_size()}")
-        # A default run name is a timestamp: take rank 0's so all ranks write one run dir.
-        cfg = self.cfg = dataclasses.replace(cfg, name=dist.broadcast_object(cfg.name))
-        main = dist.is_main()
-        # The backstop behind the groups' timeouts; twice the timeout so no healthy step trips it.
-        self.watchdog = dist.Watchdog(2 * cfg.dist_timeout, "2 x --dist-timeout", cfg.world_size > 1)
-        setup_logging(None, dist.rank())  # train.log starts when the run dir is created (below)
-        rundir.claim(cfg.run_dir, cfg.resume, cfg.overwrite)  # refused before anything is written
-        log.info("run dir %s; world size %d; DeepSpeed config %s (ZeRO %d, %s)", cfg.run_dir, cfg.world_size,
-                 cfg.ds.path, cfg.ds.zero_stage, cfg.ds.precision)
-        self.run_id = dist.broadcast_object(uuid.uuid4().hex)  # marks this run's checkpoints (see prune)
-        apply_threads(cfg.speed.threads)
-
+        cfg = self._join()
         seed_all(cfg.seed)  # the same initial weights on every rank
         self._build_data()
         model = self._build_model()
         self.rate = Throughput(model, cfg)  # TFLOP/s and MFU beside samples/s
-        micro, gas = cfg.ds.micro_batch, cfg.ds.grad_accum
-        from engine.loader.batches import build_sampler
-
         sampler = build_sampler(self.dataset, dist.rank(), cfg.world_size, cfg.seed, cfg.shard_local,
                                 cfg.train_data)
-        steps_per_epoch = sampler.samples_per_rank // (micro * gas)
-        if steps_per_epoch == 0:
-            raise InputError(f"{cfg.train_data}: {len(self.dataset)} pairs are fewer than one global batch "
-                             f"({cfg.ds.global_batch} = micro {micro} x accumulation {gas} x {cfg.world_size} "
-                             f"ranks); lower the batch size in {cfg.ds.path}")
-        total_steps = cfg.epochs * steps_per_epoch
-        self.shape = resume.RunShape(cfg.world_size, micro, gas, len(self.dataset), cfg.ds.zero_stage, cfg.ds.precision,
-                                     cfg.sampling)
+        steps_per_epoch, total_steps = self._count_steps(sampler)
+        self.shape = resume.RunShape(cfg.world_size, cfg.ds.micro_batch, cfg.ds.grad_accum, len(self.dataset),
+                                     cfg.ds.zero_stage, cfg.ds.precision, cfg.sampling)
         # Checked (and converted for a new world size) before DeepSpeed loads anything.
         self.resume_plan = resume.prepare(cfg.resume, cfg.checkpoint_dir, self.shape) if cfg.resume else None
-        self.engine = engine = self._build_engine(model, total_steps)
+        self.engine = self._build_engine(model, total_steps)
         self.device = dist.device()
         self.dtype = _DTYPES[cfg.ds.precision]
 
@@ -204,12 +168,47 @@ class Trainer:
         else:
             seed_all(cfg.seed + 1009 * dist.rank())  # per-rank dropout streams
         end_step = total_steps if not cfg.max_steps else min(total_steps, cfg.max_steps)
+        self._open_run_dir(steps_per_epoch, total_steps, end_step)
+        summary = self._loop(sampler, steps_per_epoch, epoch, start_step, end_step)
+        if cfg.export:
+            export_run(self.engine, cfg, self.store)
+        return summary
 
-        # Every start-up check passed: only now does the run dir appear (a failed start leaves none).
+    def _join(self) -> TrainConfig:
+        """Join the process group, agree on the run's name and claim its run dir (nothing written yet)."""
+        cfg = self.cfg
+        dist.init_distributed(use_deepspeed=True, timeout_s=cfg.dist_timeout, always=True)
+        if dist.world_size() != cfg.world_size:
+            raise RuntimeError(f"validated for world size {cfg.world_size}, joined {dist.world_size()}")
+        # A default run name is a timestamp: take rank 0's so all ranks write one run dir.
+        cfg = self.cfg = dataclasses.replace(cfg, name=dist.broadcast_object(cfg.name))
+        # The backstop behind the groups' timeouts; twice the timeout so no healthy step trips it.
+        self.watchdog = dist.Watchdog(2 * cfg.dist_timeout, "2 x --dist-timeout", cfg.world_size > 1)
+        setup_logging(None, dist.rank())  # train.log starts when the run dir is created (below)
+        rundir.claim(cfg.run_dir, cfg.resume, cfg.overwrite)  # refused before anything is written
+        log.info("run dir %s; world size %d; DeepSpeed config %s (ZeRO %d, %s)", cfg.run_dir, cfg.world_size,
+                 cfg.ds.path, cfg.ds.zero_stage, cfg.ds.precision)
+        self.run_id = dist.broadcast_object(uuid.uuid4().hex)  # marks this run's checkpoints (see prune)
+        apply_threads(cfg.speed.threads)
+        return cfg
+
+    def _count_steps(self, sampler):
+        """(optimizer steps per epoch, in the whole run)."""
+        cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
+        steps_per_epoch = sampler.samples_per_rank // (micro * gas)
+        if steps_per_epoch == 0:
+            raise InputError(f"{cfg.train_data}: {len(self.dataset)} pairs are fewer than one global batch "
+                             f"({cfg.ds.global_batch} = micro {micro} x accumulation {gas} x {cfg.world_size} "
+                             f"ranks); lower the batch size in {cfg.ds.path}")
+        return steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def _open_run_dir(self, steps_per_epoch: int, total_steps: int, end_step: int) -> None:
+        """Every start-up check passed: only now does the run dir appear (a failed start leaves none)."""
+        cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
         self.tb = rundir.create(cfg.run_dir, cfg.overwrite)
         if cfg.resume:  # the steps after the checkpoint are logged anew: TensorBoard drops the old points
-            self.tb.restart_at(engine.global_steps + 1)
-        if main:
+            self.tb.restart_at(self.engine.global_steps + 1)
+        if dist.is_main():
             write_config(cfg, {"micro_batch": micro, "grad_accum": gas, "global_batch": cfg.ds.global_batch,
                                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                                "end_step": end_step, "optimizer": self.opt_name, "train_pairs": len(self.dataset),
@@ -218,11 +217,6 @@ class Trainer:
                  "loss %s, accumulation %s; optimizer %s", steps_per_epoch, cfg.epochs, total_steps, end_step,
                  cfg.ds.global_batch, micro, gas, cfg.world_size, "local" if cfg.local_loss else "global",
                  ("exact" if cfg.accumulation == "exact" else "plain") if gas > 1 else "none", self.opt_name)
-
-        summary = self._loop(sampler, steps_per_epoch, epoch, start_step, end_step)
-        if cfg.export:
-            export_run(engine, cfg, self.store)
-        return summary
 
     def _resume(self, steps_per_epoch: int):
         p = self.resume_plan
@@ -240,50 +234,43 @@ class Trainer:
         return epoch, step_in_epoch
 
     def _batches(self, sampler, epoch: int, start_step: int):
-        """The epoch's micro-batches from start_step on, read one step ahead in the background."""
-        from engine.loader.batches import epoch_batches
-
+        """The epoch's micro-batches from start_step on, read one step ahead in the background and
+        made ready for the device."""
         cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
-        return epoch_batches(self.dataset, sampler, epoch, start_step * micro * gas, micro, cfg.num_workers,
-                             cfg.seed, self.device, depth=max(2, gas), timeout_s=cfg.dist_timeout)
+        return device_batches(self.dataset, sampler, epoch, start_step * micro * gas, micro, cfg.num_workers,
+                              cfg.seed, self.device, self.store, self.dtype, depth=max(2, gas),
+                              timeout_s=cfg.dist_timeout)
 
-    def _prepare(self, batch):
-        from data.images.transform import normalize_uint8
-
-        pixels = batch["image"].to(self.device, non_blocking=True)
-        pixels = normalize_uint8(pixels, self.store.mean, self.store.std, dtype=self.dtype)
-        return pixels, batch["input_ids"].to(self.device, non_blocking=True)
-
-    def _loop(self, sampler, steps_per_epoch: int, epoch: int, start_step: int, end_step: int) -> Dict[str, Any]:
-        from tqdm import tqdm
-        from models import ClipLoss
-
+    def _stepper(self) -> ContrastiveStep:
+        """The contrastive step over this run's engine and loss; the hook before each update also reads
+        the gradient norm where DeepSpeed does not report it (ZeRO 0 in fp32)."""
         cfg, engine = self.cfg, self.engine
-        gas = cfg.ds.grad_accum
         loss_fn = ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=cfg.local_loss)
-        own_norm = cfg.ds.zero_stage == 0 and cfg.ds.precision == "fp32"  # DeepSpeed does not report it
-        norm_box = {}
+        own_norm = cfg.ds.zero_stage == 0 and cfg.ds.precision == "fp32"
+        self._own_norm = None
 
-        def grad_norm_before_step():
-            _test_fault(engine.global_steps + 1, before_update=True)
+        def before_update():
+            inject_test_fault(engine.global_steps + 1, before_update=True)
             if own_norm:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                norm_box["norm"] = torch.linalg.vector_norm(
+                self._own_norm = torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
 
-        stepper = ContrastiveStep(engine, loss_fn, gas, exact=cfg.accumulation == "exact",
-                                  prepare=self._prepare, step_index=lambda: engine.global_steps,
-                                  before_last_step=grad_norm_before_step)
+        return ContrastiveStep(engine, loss_fn, cfg.ds.grad_accum, exact=cfg.accumulation == "exact",
+                               step_index=lambda: engine.global_steps, before_last_step=before_update)
+
+    def _loop(self, sampler, steps_per_epoch: int, epoch: int, start_step: int, end_step: int) -> Dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        stepper = self._stepper()
         engine.train()
         step = engine.global_steps
         # The bar is for a person watching rank 0; in a log file the log lines say the same.
         bar = tqdm(total=end_step, initial=step, disable=not (dist.is_main() and sys.stderr.isatty()),
                    desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+        self._window = _LogWindow()
         last: Dict[str, Any] = {}
         state: Optional[Dict[str, int]] = None  # where the data stream stands after the last step
-        # Throughput counts data loading + forward/backward/step only, not validation or saving.
-        win_time, win_steps, win_loss = 0.0, 0, 0.0
-        last_saved = last_val = -1
+        done = {"saved": -1, "validated": -1}
         it = None
         try:
             while step < end_step and epoch < cfg.epochs:
@@ -292,30 +279,15 @@ class Trainer:
                     lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves it on after)
                     t0 = time.perf_counter()
                     with self.watchdog.armed(f"step {step + 1}"):
-                        result = stepper.run([next(it) for _ in range(gas)])
-                    win_time += time.perf_counter() - t0
+                        result = stepper.run([next(it) for _ in range(cfg.ds.grad_accum)])
+                    self._window.add(time.perf_counter() - t0, result.loss)
                     step = engine.global_steps
                     state = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
-                    win_steps, win_loss = win_steps + 1, win_loss + result.loss
                     last = {"loss": result.loss, "logit_scale": result.logit_scale}
-                    if not engine.was_step_applied():
-                        log.warning("step %d: fp16 gradient overflow, update skipped (loss scale now %s)",
-                                    step, self._loss_scale())
                     bar.update(1)
-                    if step % cfg.log_every_steps == 0 or step == end_step:
-                        self._log_step(step, end_step, epoch, win_loss / win_steps, lr, result.logit_scale,
-                                       norm_box.get("norm"), win_steps, win_time)
-                        win_time, win_steps, win_loss = 0.0, 0, 0.0
-                    end_of_epoch = step_in_epoch + 1 == steps_per_epoch
-                    val_due = step % cfg.val_every_steps == 0 if cfg.val_every_steps else end_of_epoch
-                    if val_due:
-                        self.validate(step)
-                        last_val = step
-                    if ((cfg.save_every_steps and step % cfg.save_every_steps == 0) or
-                            (end_of_epoch and cfg.save_frequency and (epoch + 1) % cfg.save_frequency == 0)):
-                        self.save(step, state)
-                        last_saved = step
-                    _test_fault(step)
+                    self._after_step(step, end_step, epoch, lr, result, state,
+                                     step_in_epoch + 1 == steps_per_epoch, done)
+                    inject_test_fault(step)
                     if step >= end_step:
                         break
                 it.close()
@@ -325,12 +297,33 @@ class Trainer:
             if it is not None:
                 it.close()
         # The final state is always kept when checkpoints are on (also when --max-steps cut it short).
-        if state is not None and (cfg.save_frequency or cfg.save_every_steps) and last_saved != step:
+        if state is not None and (cfg.save_frequency or cfg.save_every_steps) and done["saved"] != step:
             self.save(step, state)
-        if state is not None and last_val != step:  # the run's final score, wherever it stopped
+        if state is not None and done["validated"] != step:  # the run's final score, wherever it stopped
             self.validate(step)
         self.tb.flush()
         return {"step": step, "epoch": epoch, **last}
+
+    def _after_step(self, step: int, end_step: int, epoch: int, lr: float, result, state: Dict[str, int],
+                    end_of_epoch: bool, done: Dict[str, int]) -> None:
+        """What follows an optimizer step: the log line when due, validation and checkpoints."""
+        cfg = self.cfg
+        if not self.engine.was_step_applied():
+            log.warning("step %d: fp16 gradient overflow, update skipped (loss scale now %s)", step,
+                        self._loss_scale())
+        if step % cfg.log_every_steps == 0 or step == end_step:
+            w = self._window
+            self._log_step(step, end_step, epoch, w.loss / w.steps, lr, result.logit_scale, self._own_norm,
+                           w.steps, w.seconds)
+            self._window = _LogWindow()
+        val_due = (step % cfg.val_every_steps == 0) if cfg.val_every_steps else end_of_epoch
+        if val_due:
+            self.validate(step)
+            done["validated"] = step
+        if ((cfg.save_every_steps and step % cfg.save_every_steps == 0) or
+                (end_of_epoch and cfg.save_frequency and (epoch + 1) % cfg.save_frequency == 0)):
+            self.save(step, state)
+            done["saved"] = step
 
     # --- pieces -----------------------------------------------------------------------------------
 
@@ -363,8 +356,6 @@ class Trainer:
         """Full-pool recall both ways on the validation split (every rank takes part)."""
         if self.val is None:
             return None
-        from engine.train.validation import describe, evaluate_both_directions
-
         cfg, engine = self.cfg, self.engine
         store, queries = self.val
         module = engine.module
@@ -387,8 +378,6 @@ class Trainer:
         own need them gathered (submodules gather theirs through their hooks)."""
         if self.cfg.ds.zero_stage != 3:
             return contextlib.nullcontext()
-        import deepspeed
-
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters(recurse=False)))
 
     def save(self, step: int, state: Dict[str, Any]) -> None:

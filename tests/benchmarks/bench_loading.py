@@ -79,7 +79,7 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
     from data.sampler import ShardedSampler
     from engine import dist
     from engine.train.step import ContrastiveStep
-    from engine.train.config import load_ds_settings
+    from engine.train.ds_settings import load_ds_settings
     from engine.loader.batches import epoch_batches
     from engine.train.optim import build_optimizer, param_groups, scheduler_factory
     from models import ClipLoss, build_clip

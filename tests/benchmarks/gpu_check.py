@@ -130,7 +130,8 @@ def _figures(s, samples_s, precision):
 def _trainer_engine(s, ds_path):
     """The trainer's engine for this DeepSpeed JSON: Trainer._build_engine on a config made by the
     real flag parser (the data files are placeholders; the trainer's data side is not used)."""
-    from engine.train.config import build_config, parse_args
+    from engine.train.config import build_config
+    from engine.train.flags import parse_args
     from engine.train.trainer import Trainer
     from models import build_clip
 

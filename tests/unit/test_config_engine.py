@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from data.files import InputError
-from engine.train.config import build_config, load_ds_settings, parse_args
+from engine.train.config import build_config
+from engine.train.ds_settings import load_ds_settings
+from engine.train.flags import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 

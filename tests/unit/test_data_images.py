@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from data.images.transform import (IMAGE_MEAN, IMAGE_STD, ImageDecodeError, decode_image, normalize_uint8,
-                         preprocess_image)
+                                   preprocess_image)
 from data.files import InputError
 
 

@@ -13,9 +13,9 @@ import torch
 
 from data.files import InputError
 from engine.inference.feature_files import (ArraySource, load_features, open_features, save_features, shard_name,
-                             write_feature_jsonl)
-from engine.retrieval.search import (canonical_topk, distributed_search, merge_topk, plan_blocks, search,
-                              write_predictions)
+                                            write_feature_jsonl)
+from engine.retrieval.search import canonical_topk, distributed_search, merge_topk, plan_blocks, search
+from engine.scoring.predictions import write_predictions
 
 
 def oracle_rows(q, x, k):
@@ -236,7 +236,7 @@ def test_killed_writer_never_leaves_a_complete_looking_file(tmp_path, repo_root)
     out = tmp_path / "pred.jsonl"
     code = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[2])\n"
-        "from engine.retrieval.search import write_predictions\n"
+        "from engine.scoring.predictions import write_predictions\n"
         "print('start', flush=True)\n"
         "write_predictions(sys.argv[1], np.arange(500_000), np.zeros((500_000, 10), np.int64))\n"
     )

@@ -160,7 +160,7 @@ def test_speed_flags_reach_the_config_and_bad_values_are_refused():
     import argparse
 
     from data.files import InputError
-    from engine.train.config import build_parser
+    from engine.train.flags import build_parser
     from engine.train.speed import speed_settings
 
     args = build_parser().parse_args(["--train-data", "q", "--train-img", "i", "--patch-dropout", "0.5",
