@@ -30,6 +30,7 @@ import lmdb
 import numpy as np
 
 from data.files import InputError
+from data.images.jpeg import decode_jpegs
 from data.images.transform import IMAGE_MEAN, IMAGE_STD, LEGACY_RESIZE, check_resize
 
 MANIFEST_KEY = b"__manifest__"
@@ -201,8 +202,6 @@ class ImageStore:
         if out is None:
             out = np.empty((len(image_ids),) + self.shape, dtype=np.uint8)
         if self.format == JPEG_FORMAT:
-            from data.images.jpeg import decode_jpegs
-
             return decode_jpegs(self.get_encoded(image_ids), self.shape, out=out)
         txn = self._begin()
         flat = out.reshape(len(image_ids), -1)

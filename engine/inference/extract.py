@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.images.transform import normalize_uint8
+from data.tokenizer import tokenize
 from engine import dist
 from engine.inference.feature_files import (open_features, remove_shards, save_features, shard_name,
                                             write_feature_jsonl_parts)
@@ -93,8 +95,6 @@ def encode_images(model, store, ids: Sequence[int], batch_size: int, device: tor
     """This rank's shard of `ids` -> (ids int64 [n], feats float32 [n, D] L2-normalised).
     Pixels are normalised on the device with the store manifest's mean/std. Call under
     eval_mode(model) (dropout off); autograd is off here either way."""
-    from data.images.transform import normalize_uint8
-
     ids = np.asarray(list(ids), dtype=np.int64)
     dtype = dtype or model_dtype(model)
 
@@ -110,8 +110,6 @@ def encode_texts(model, queries, tokenizer, context_length: int, batch_size: int
                  device: torch.device, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """This rank's shard of `queries` (data.queries.Query) -> (query ids int64, feats float32
     L2-normalised). Call under eval_mode(model)."""
-    from data.tokenizer import tokenize
-
     queries = list(queries)
     qids = np.asarray([q.query_id for q in queries], dtype=np.int64)
 

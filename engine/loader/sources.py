@@ -16,6 +16,11 @@ import torch
 
 from data.built.reader import BuiltDataset, check_tokenizer, is_built_dataset, read_manifest
 from data.files import InputError
+from data.images.datasets import PairDataset
+from data.images.store import ImageStore
+from data.queries import check_ids_present, read_queries, training_pairs
+from engine import dist
+from engine.loader.jpeg_gpu import DeviceJpegDecoder
 
 log = logging.getLogger("clip")
 
@@ -50,9 +55,6 @@ def _gpu_jpeg(dataset: BuiltDataset, num_workers: int) -> None:
     """On a GPU, decode a JPEG data set's batches there (nvjpeg) when reading in this process."""
     if dataset.image_format != "jpeg" or not torch.cuda.is_available() or num_workers > 0:
         return
-    from engine.loader.jpeg_gpu import DeviceJpegDecoder
-    from engine import dist
-
     dataset.image_decoder = DeviceJpegDecoder(dist.device(), dataset.resolution)
     log.info("train: JPEG images decoded on %s", dist.device())
 
@@ -73,10 +75,6 @@ def open_training_data(cfg, tokenizer, want_resolution: int) -> TrainData:
         log.info("train: %d pairs in %d shard(s) of %s (%s, %d px, built data set)", len(dataset),
                  len(dataset.shard_pair_counts), cfg.train_data, dataset.image_format, dataset.resolution)
         return TrainData(dataset, dataset, f"--train-data {cfg.train_data}")
-    from data.images.datasets import PairDataset
-    from data.images.store import ImageStore
-    from data.queries import check_ids_present, read_queries, training_pairs
-
     store = ImageStore(cfg.train_img)
     _check_resolution(f"--train-img {cfg.train_img}", store.resolution, cfg, want_resolution)
     queries = read_queries(cfg.train_data)
@@ -92,9 +90,6 @@ def open_validation_data(cfg, want_resolution: int) -> Optional[Tuple[Any, list]
     """(image store, queries) of the validation split, or None without --val-data."""
     if not cfg.val_data:
         return None
-    from data.images.store import ImageStore
-    from data.queries import check_ids_present, read_queries
-
     store = ImageStore(cfg.val_img)
     _check_resolution(f"--val-img {cfg.val_img}", store.resolution, cfg, want_resolution)
     queries = read_queries(cfg.val_data)

@@ -33,7 +33,7 @@ import numpy as np
 from data.files import InputError
 from engine.inference.feature_files import FeatureSource
 from engine.retrieval.cpu_topk import SENTINEL  # row of a padding entry (int64 max): sorts after every real row
-from engine.retrieval.cpu_topk import even_query_chunk
+from engine.retrieval.cpu_topk import even_query_chunk, search_blocks
 
 
 class _LazyModule:
@@ -274,8 +274,6 @@ def _search_blocks(queries, images, k, plan, blocks, device, progress):
 
 
 def _search_cpu(queries, images, k, plan, blocks, progress):
-    from engine.retrieval.cpu_topk import search_blocks
-
     buf = np.empty(0, np.float32)
 
     def read_block(b):

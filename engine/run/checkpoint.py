@@ -36,6 +36,7 @@ import torch
 from data.files import InputError, atomic_path, atomic_write
 from engine import dist
 from engine.run.rundir import move_aside
+from models.weights.model_file import save_model_file
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,6 @@ def export_fp32(engine, path: Path, record: Optional[Dict[str, Any]] = None) -> 
     """Write the consolidated fp32 weights on rank 0, atomically, loadable with
     torch.load(weights_only=True): with `record` a self-describing model file (models/weights/model_file.py),
     without it a plain state dict. A collective."""
-    from models.weights.model_file import save_model_file
-
     state = consolidated_fp32_state_dict(engine)
     if state is not None:
         try:

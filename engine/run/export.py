@@ -10,6 +10,8 @@ from typing import Optional
 
 from engine import dist
 from engine.run import checkpoint
+from models.weights import export_hf, read_clip_weights
+from models.weights.model_file import make_record, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,6 @@ def export_run(engine, cfg, store) -> Optional[Path]:
     """Write <run>/model_fp32.pt (weights + record: configs, vocab, context length, preprocessing) and
     with --export-hf <run>/hf, a ChineseCLIPModel folder with tokenizer and image processor. A
     collective (the fp32 weights are gathered from every rank); rank 0 writes."""
-    from models.weights.model_file import make_record
-
     module = engine.module
     record = make_record(module.vision_config, module.text_config, cfg.vocab, cfg.context_length,
                          store_preprocessing(store))
@@ -32,8 +32,6 @@ def export_run(engine, cfg, store) -> Optional[Path]:
     if out:
         log.info("exported the consolidated fp32 weights and the model's record to %s", out)
         if cfg.export_hf:
-            from models.weights import export_hf, read_clip_weights
-
             state, _ = read_clip_weights(out)
             report = export_hf(state, module.vision_config, module.text_config, cfg.run_dir / "hf",
                                vocab=cfg.vocab, resize=store.resize)
@@ -48,8 +46,6 @@ def warn_preprocessing(init_from: Optional[str], store) -> Optional[str]:
     if not init_from:
         return None
     import torch
-
-    from models.weights.model_file import unwrap
 
     path = Path(init_from)
     if path.is_dir():

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from data.files import InputError, read_jsonl
+from data.tokenizer import tokenize
+from engine.retrieval.search import canonical_topk
 
 # Our own Chinese prompts in the spirit of CLIP's ImageNet prompts: photo, picture, drawing, ...
 DEFAULT_TEMPLATES = [
@@ -84,8 +86,6 @@ def read_labels(path, classes: Sequence[str]) -> Dict[int, int]:
 def class_weights(model, tokenizer, classes: Sequence[str], templates: Sequence[str], context_length: int,
                   device: torch.device, batch_size: int = 256) -> np.ndarray:
     """[C, D] float32: per class the mean of its normalised prompt embeddings, normalised."""
-    from data.tokenizer import tokenize
-
     prompts = [t.format(c) for c in classes for t in templates]
     feats = []
     for start in range(0, len(prompts), batch_size):
@@ -97,8 +97,6 @@ def class_weights(model, tokenizer, classes: Sequence[str], templates: Sequence[
 
 def top_classes(image_feats: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
     """[N, k] class indices, best first; ties to the lower class index (the retrieval rule)."""
-    from engine.retrieval.search import canonical_topk
-
     scores = torch.from_numpy(np.asarray(image_feats, np.float32) @ np.asarray(weights, np.float32).T)
     return canonical_topk(scores, k)[1].numpy()
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from models.vit import kept_patches
+
 # Dense peak TFLOP/s per device in the training precision (tensor cores, no 2:4 sparsity), from NVIDIA's
 # data sheets: H100 SXM5 and H200 SXM 989.4 bf16/fp16, H100 PCIe 756, A100 (SXM and PCIe) 312, L40S 362,
 # V100 SXM2 125 fp16 (it has no bf16). fp32 rows are the plain (non-tensor-core) FP32 figures. Matched
@@ -63,8 +65,6 @@ def _encoder_layer(tokens: int, width: int, ffn: int) -> float:
 
 def image_tokens(vision, patch_dropout: float = 0.0) -> int:
     """Tokens through the ViT: the class token and the patches kept (all of them in eval)."""
-    from models.vit import kept_patches
-
     return 1 + kept_patches(vision.grid ** 2, patch_dropout)
 
 

@@ -75,7 +75,7 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
     from tests.ranks import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    from data.images.transform import normalize_uint8
+    from engine.loader.batches import DeviceBatch
     from data.sampler import ShardedSampler
     from engine import dist
     from engine.train.step import ContrastiveStep
@@ -106,10 +106,10 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds.for_engine(),
                                           lr_scheduler=scheduler_factory(10, 10 ** 6), dist_init_required=False)
 
-        def prepare(b):  # the trainer's _prepare
-            return normalize_uint8(b["image"], store.mean, store.std, dtype=torch.float32), b["input_ids"]
+        def ready(b):  # what the trainer's loader hands the step
+            return DeviceBatch(b["image"], b["input_ids"], store.mean, store.std, torch.float32)
 
-        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=prepare)
+        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1)
         def loader():
             sampler = ShardedSampler(len(dataset), 0, 1, seed=0)
             sampler.set_epoch(0)
@@ -124,7 +124,7 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
         for s in range(n_batches):
             for k in names[s % 3:] + names[: s % 3]:  # rotate who goes first
                 t = time.perf_counter()
-                stepper.run([next(sources[k])])
+                stepper.run([ready(next(sources[k]))])
                 if s >= warmup:
                     times[k].append(time.perf_counter() - t)
         sources["prefetch"].close()

@@ -160,11 +160,11 @@ def work_train(s, ds_path, batch):
     cfg, trainer, engine = _trainer_engine(s, ds_path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.ds.precision]
     loss_fn = ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=True)
-    stepper = ContrastiveStep(engine, loss_fn, 1, prepare=lambda b: (b[0].to(dtype), b[1]))
+    stepper = ContrastiveStep(engine, loss_fn, 1)
     data = _batch(s, batch)
     out = {"batch": batch, "optimizer": trainer.opt_name}
     try:
-        out.update(_figures(s, _rate(s, lambda i: stepper.run([data]), batch), cfg.ds.precision))
+        out.update(_figures(s, _rate(s, lambda i: stepper.run([(data[0].to(dtype), data[1])]), batch), cfg.ds.precision))
     except Exception as e:
         if not _is_oom(e):
             raise
