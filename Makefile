@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 	@echo "pre-building DeepSpeed's CPU shared-memory comm op (once, ~30 s)"
 	$(RUN) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 	@echo "building the CPU top-k's C scan (once, ~1 s; without a compiler the search uses numpy's)"
-	-$(RUN) $(PY) -c "from engine.topk_native import kernel; kernel()"
+	-$(RUN) $(PY) -c "from engine.retrieval.native_scan import kernel; kernel()"
 	touch $@
 
 # Optional packages (ONNX export) only for the tests: the demo and training never need them.

@@ -11,6 +11,12 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_CONTEXT_LENGTH = 52
 
 
+def vocab_file(path: PathLike) -> Path:
+    """The vocab.txt of a tokenizer folder, or the file itself."""
+    path = Path(path)
+    return path / "vocab.txt" if path.is_dir() else path
+
+
 def load_tokenizer(path: PathLike):
     """A folder with vocab.txt (e.g. the Chinese RoBERTa download), or the vocab.txt itself.
 
@@ -19,7 +25,7 @@ def load_tokenizer(path: PathLike):
     from transformers import BertTokenizer
 
     path = Path(path)
-    vocab = path / "vocab.txt" if path.is_dir() else path
+    vocab = vocab_file(path)
     if not vocab.is_file():
         raise InputError(f"{path}: no vocab.txt found")
     if path.is_dir():

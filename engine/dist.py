@@ -209,7 +209,7 @@ class Watchdog:
             if deadline is not None and time.monotonic() > deadline:
                 msg = (f"rank {rank()}: no progress for {self.timeout_s:g} s ({self.source}) in {self._what}: "
                        f"a peer rank is dead or hung; ending this rank")
-                logging.getLogger("clip").error(msg)  # every rank logs errors (engine/logging.py)
+                logging.getLogger("clip").error(msg)  # every rank logs errors (engine/run/log.py)
                 print(msg, file=sys.stderr, flush=True)  # also when logging is not set up
                 logging.shutdown()
                 os._exit(self.EXIT_NO_PROGRESS)

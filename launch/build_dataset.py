@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.build_dataset import build_dataset  # noqa: E402
-from data.dataset_plan import DEFAULT_SHARD_SIZE, BuildOptions  # noqa: E402
+from data.built.builder import build_dataset  # noqa: E402
+from data.built.layout import DEFAULT_SHARD_SIZE, BuildOptions  # noqa: E402
 from data.files import InputError, report_input_error  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.build import build_store  # noqa: E402
+from data.images.build_store import build_store  # noqa: E402
 from data.files import InputError, report_input_error  # noqa: E402
 
 

@@ -102,7 +102,7 @@ def _to_hf(args) -> str:
     weights need --vision and --text, and the text vocabulary is sized from the weights."""
     import tempfile
 
-    from models import model_file
+    from models.weights import model_file
 
     path = model_file.resolve_weights(args.input, args.run)
     if path is None:
@@ -126,7 +126,7 @@ def _to_hf(args) -> str:
         return f"{report}\n{out}"
     if not (args.vision and args.text):
         raise ValueError(f"{path} records no configs (not a model file of train.py --export): pass --vision and --text")
-    shape = model_file.text_shape(state)
+    shape = convert.text_shape(state)
     vision = load_vision_config(args.vision)
     text = load_text_config(args.text, vocab_size=shape["vocab_size"] if shape else None)
     convert.check_architecture(state, convert.expected_state(vision, text), str(path))
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     global convert, load_text_config, load_vision_config
-    from models import convert
+    from models import weights as convert
     from models.config import load_text_config, load_vision_config
 
     try:

@@ -16,7 +16,7 @@ Both directions (Chinese-CLIP's R@1/5/10 each way; REF is the same queries file)
   python launch/evaluate.py --mode both --pred T2I.jsonl --pred-i2t I2T.jsonl --ref REF.jsonl --out OUT.json
 I2T lines: {"image_id": i, "text_ids": [10 query ids]} (launch/retrieve.py --direction i2t). An
 image's correct texts are the queries that list it; images that no query lists are not scored.
-See engine/bidir_eval.py for the result JSON.
+See engine/scoring/directions.py for the result JSON.
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.muge_eval import run  # noqa: E402
+from engine.scoring.muge import run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
 
 def _directions(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
-    from engine.bidir_eval import run as run_directions, summary
+    from engine.scoring.directions import run as run_directions, summary
 
     if a.files:
         p.error(f"--mode {a.mode} takes --pred/--ref/--out (and --pred-i2t), not positional files")

@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
-from engine.model_loading import add_model_flags  # noqa: E402
+from engine.inference.model import add_model_flags  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     a = p.parse_args(argv)
 
-    from engine import onnx_export
-    from engine.model_loading import load_model
+    from engine.tools import onnx_export
+    from engine.inference.model import load_model
 
     try:
         onnx_export.require("onnx", *(() if a.no_check else ("onnxruntime",)))

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
-from engine.model_loading import add_model_flags  # noqa: E402
+from engine.inference.model import add_model_flags  # noqa: E402
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     import torch
 
     from engine import dist
-    from engine.extract import extract_split
-    from engine.model_loading import load_model
+    from engine.inference.extract import extract_split
+    from engine.inference.model import load_model
 
     dist.init_distributed(use_deepspeed=False)
     try:
@@ -86,12 +86,12 @@ def main(argv=None) -> int:
         if a.queries and loaded.tokenizer is None:
             raise InputError("--queries needs --vocab (or a model file that carries its vocabulary)")
         if a.image_lmdb:
-            from data.lmdb_store import ImageStore
+            from data.images.store import ImageStore
 
             store = ImageStore(a.image_lmdb)
             check_store(store, loaded, a.image_lmdb)
         if a.queries:
-            from data.pairs import read_queries
+            from data.queries import read_queries
 
             queries = read_queries(a.queries)
         model = loaded.model.to(device=device, dtype=getattr(torch, PRECISIONS[a.precision]))

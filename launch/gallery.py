@@ -16,11 +16,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, atomic_write, read_jsonl, report_input_error  # noqa: E402
-from data.lmdb_store import ImageStore  # noqa: E402
-from data.pairs import read_queries  # noqa: E402
-from engine.gallery import choose_queries, failed_queries, render_gallery  # noqa: E402
-from engine.metrics import muge_scores  # noqa: E402
-from engine.muge_eval import parse_predictions  # noqa: E402
+from data.images.store import ImageStore  # noqa: E402
+from data.queries import read_queries  # noqa: E402
+from engine.tools.gallery import choose_queries, failed_queries, render_gallery  # noqa: E402
+from engine.scoring.recall import muge_scores  # noqa: E402
+from engine.scoring.predictions import parse_predictions  # noqa: E402
 
 
 def main(argv=None) -> int:

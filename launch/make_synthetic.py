@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"held out of training: {len(meta['holdout']['cells'])} cells, e.g. "
               + ", ".join("".join(cell) for cell in meta["holdout"]["cells"][:3]))
     if a.build_lmdb:
-        from data.build import build_store
+        from data.images.build_store import build_store
 
         for split in SPLITS:
             out = os.path.join(a.out, "lmdb", split)

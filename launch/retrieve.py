@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    from engine.features import check_kind, check_same_model, open_features, read_all
-    from engine.retrieval import distributed_search, plan_blocks, rows_to_ids, search_local, write_predictions
+    from engine.inference.feature_files import check_kind, check_same_model, open_features, read_all
+    from engine.retrieval.search import distributed_search, plan_blocks, rows_to_ids, search_local
+    from engine.scoring.predictions import write_predictions
 
     local = _one_cpu_process(a.device)
     if not local:

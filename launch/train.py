@@ -15,8 +15,9 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
-from engine.accumulation import NonFiniteLoss  # noqa: E402
-from engine.config import build_config, parse_args  # noqa: E402
+from engine.train.step import NonFiniteLoss  # noqa: E402
+from engine.train.config import build_config  # noqa: E402
+from engine.train.flags import parse_args  # noqa: E402
 
 EXIT_FAILED, EXIT_NONFINITE = 1, 3  # and data.files.EXIT_BAD_INPUT (2) for a user mistake
 
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     except InputError as e:
         return report_input_error("train.py", e)
 
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:

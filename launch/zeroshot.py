@@ -7,7 +7,7 @@
 
 classes.txt: one class name per line. labels.jsonl: {"image_id": int, "label": "<class name>"} per
 image; only labelled images are classified. Templates: built-in Chinese prompts ("一张{}的图片。",
-...; engine/zeroshot.py) or --templates FILE (one per line, "{}" for the class name), which
+...; engine/tools/zeroshot.py) or --templates FILE (one per line, "{}" for the class name), which
 replaces them. The classifier: per class the mean of its prompts' normalised embeddings,
 normalised. OUT: {"top1", "top5", "images", "classes", "per_class": {name: {images, top1, top5}},
 "templates"} in percent.
@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
-from engine.model_loading import add_model_flags  # noqa: E402
+from engine.inference.model import add_model_flags  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,7 +47,7 @@ def image_features(a, model, image_ids, device):
     import numpy as np
 
     if a.image_feats:
-        from engine.features import load_features
+        from engine.inference.feature_files import load_features
 
         ids, feats = load_features(a.image_feats)
         row = {int(i): r for r, i in enumerate(ids.tolist())}
@@ -55,8 +55,8 @@ def image_features(a, model, image_ids, device):
         if missing:
             raise InputError(f"{a.image_feats}: no features for {len(missing)} labelled images, e.g. {missing[0]}")
         return np.asarray(feats, np.float32)[[row[i] for i in image_ids]]
-    from data.lmdb_store import ImageStore
-    from engine.extract import encode_images, eval_mode
+    from data.images.store import ImageStore
+    from engine.inference.extract import encode_images, eval_mode
 
     store = ImageStore(a.image_lmdb)
     have = set(store.ids())
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     import torch
 
     from data.files import atomic_write
-    from engine import zeroshot as zs
-    from engine.model_loading import load_model
+    from engine.tools import zeroshot as zs
+    from engine.inference.model import load_model
 
     try:
         t0 = time.perf_counter()

@@ -26,10 +26,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from data.build import build_store  # noqa: E402
-from data.datasets import ImageDataset  # noqa: E402
-from data.images import IMAGE_MEAN, IMAGE_STD, load_and_preprocess  # noqa: E402
-from data.lmdb_store import ImageStore  # noqa: E402
+from data.images.build_store import build_store  # noqa: E402
+from data.images.datasets import ImageDataset  # noqa: E402
+from data.images.transform import IMAGE_MEAN, IMAGE_STD, load_and_preprocess  # noqa: E402
+from data.images.store import ImageStore  # noqa: E402
 
 
 def photo_like_jpegs(n_unique, size, seed=0):

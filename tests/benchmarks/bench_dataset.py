@@ -8,13 +8,13 @@ Per size N (pairs; --per-query images per query, sharing --images distinct 32 px
   first step launch of launch/train.py on 2 ranks (tiny model, built data set) -> "step 1/" in rank 0's
              log, and the peak RSS (VmHWM) of each rank until then, and of it the largest RssAnon seen
              (the rest is file pages mapped in: the memory-mapped arrays, i.e. shared page cache)
-  sampler    the trainer's sampler (data.sampler.ShardedSampler, global shuffle, as engine.loading builds
+  sampler    the trainer's sampler (data.sampler.ShardedSampler, global shuffle, as engine.loader.batches builds
              it) alone in a fresh process, rank 0 of 2, up to its first index: time and RSS above
              `import torch` (the lazy Feistel shuffle: neither should grow with N)
   loader     samples/s of random micro-batches of 64 from the built data set, in process
 The old path (--old-path-at) is the same train.py launch with --train-data JSONL --train-img LMDB.
 --jpeg-images measures 224 px storage: bytes per image as uint8 and as JPEG q95 (photo-like images), and
-decode throughput (data.jpeg, CPU threads) against uint8 LMDB reads. Everything is deleted at the end
+decode throughput (data.images.jpeg, CPU threads) against uint8 LMDB reads. Everything is deleted at the end
 (unless --keep).
 """
 import argparse
@@ -44,7 +44,7 @@ def parse_size(text):
 
 def make_sources(root: Path, n_images: int, n_texts: int, seed=0):
     """A store of n_images random 32 px images (our LMDB format), the synthetic vocab, n_texts texts."""
-    from data.lmdb_store import ImageStoreWriter
+    from data.images.store import ImageStoreWriter
     from data.synthetic import vocab_tokens
 
     rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def train_argv(root, train_flags, name):
 
 def sampler_alone(n):
     """Seconds to the first index and peak RSS (MB) above `import torch` of the trainer's sampler
-    (engine.loading.build_sampler's global shuffle) for rank 0 of 2, in a fresh process."""
+    (engine.loader.batches.build_sampler's global shuffle) for rank 0 of 2, in a fresh process."""
     code = ("import time,sys; sys.path.insert(0, %r); import torch; from data.sampler import ShardedSampler;"
             "t=time.perf_counter(); it=iter(ShardedSampler(%d, 0, 2, seed=0)); next(it);"
             "print(time.perf_counter()-t); print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
@@ -151,7 +151,7 @@ def sampler_alone(n):
 
 
 def loader_rate(path, batches=40, batch=64):
-    from data.built import BuiltDataset
+    from data.built.reader import BuiltDataset
 
     ds = BuiltDataset(path)
     rng = np.random.default_rng(0)
@@ -198,9 +198,9 @@ def bench_size(root, n, args, rows):
 
 def bench_jpeg(root, n_images):
     """Bytes per 224 px image (uint8 vs JPEG q95) and decode throughput vs uint8 LMDB reads."""
-    from data.images import load_and_preprocess
-    from data.jpeg import decode_jpegs, encode_jpeg
-    from data.lmdb_store import ImageStore, ImageStoreWriter
+    from data.images.transform import load_and_preprocess
+    from data.images.jpeg import decode_jpegs, encode_jpeg
+    from data.images.store import ImageStore, ImageStoreWriter
     from tests.benchmarks.bench_data import photo_like_jpegs
 
     imgs = [load_and_preprocess(b, 224) for b in photo_like_jpegs(n_images, 500)]
@@ -223,7 +223,7 @@ def bench_jpeg(root, n_images):
     print(f"\n224 px, {n_images} photo-like images: uint8 {3 * 224 * 224} B/image, JPEG q95 {mean:.0f} B/image "
           f"({3 * 224 * 224 / mean:.1f}x smaller); per 1M images: uint8 {3 * 224 * 224 / 1e3:.1f} GB, "
           f"JPEG {mean / 1e3:.1f} GB")
-    print(f"reads: uint8 LMDB {u8:.0f} img/s, JPEG decode (data.jpeg, {os.environ.get('CLIP_JPEG_THREADS') or min(8, os.cpu_count())} "
+    print(f"reads: uint8 LMDB {u8:.0f} img/s, JPEG decode (data.images.jpeg, {os.environ.get('CLIP_JPEG_THREADS') or min(8, os.cpu_count())} "
           f"threads) {jp:.0f} img/s on {os.cpu_count()} cores")
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the training engine (CPU).
 
-1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.accumulation.ContrastiveStep,
+1. Overhead: steps/s of the engine's step (DeepSpeed ZeRO-0 fp32 + engine.train.step.ContrastiveStep,
    exactly what the trainer runs) against a plain PyTorch loop (model, ClipLoss, AdamW with the same
    parameter groups, grad clipping, LambdaLR) on the same model and the same in-memory batches, one
    process, and against the peer baseline: open_clip's CLIP at our towers' sizes with its ClipLoss in
@@ -52,14 +52,24 @@ def _batches(vision: str, text: str, batch: int, n: int, seed: int = 0):
 
 
 def _prep(batch):
-    from data.images import normalize_uint8
+    from data.images.transform import normalize_uint8
 
     return normalize_uint8(batch[0]), batch[1]
 
 
+def _device_batch(batch):
+    """The trainer's form of a micro-batch: uint8 images normalised when the step asks."""
+    import torch
+
+    from data.images.transform import IMAGE_MEAN, IMAGE_STD
+    from engine.loader.batches import DeviceBatch
+
+    return DeviceBatch(batch[0], batch[1], IMAGE_MEAN, IMAGE_STD, torch.float32)
+
+
 def _optimizer(model):
     """Our optimizer (AdamW, our parameter groups) and warm-up + cosine schedule, the same in every loop."""
-    from engine.optim import build_optimizer, param_groups, scheduler_factory
+    from engine.train.optim import build_optimizer, param_groups, scheduler_factory
 
     opt, _ = build_optimizer(param_groups(model, 0.001), 1e-4, on_gpu=False, offload=False)
     return opt, scheduler_factory(10, 1000)
@@ -110,7 +120,7 @@ def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeat
     import torch
 
     from engine import dist
-    from engine.accumulation import ContrastiveStep
+    from engine.train.step import ContrastiveStep
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
@@ -132,8 +142,8 @@ def overhead(vision: str, text: str, batch: int, steps: int, warmup: int, repeat
                "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, lr_scheduler=schedule,
                                           dist_init_required=False)
-        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=_prep)
-        return lambda b: stepper.run([b])
+        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1)
+        return lambda b: stepper.run([_device_batch(b)])
 
     steppers = {"plain": _plain_step(ours(), ClipLoss(),
                                      lambda o: (o["image_features"], o["text_features"], o["logit_scale"])),
@@ -184,8 +194,8 @@ def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out
     import torch
 
     from engine import dist
-    from engine.accumulation import ContrastiveStep
-    from engine.optim import build_optimizer, param_groups
+    from engine.train.step import ContrastiveStep
+    from engine.train.optim import build_optimizer, param_groups
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
@@ -203,10 +213,9 @@ def _memory_rank(stage: int, vision: str, text: str, batch: int, steps: int, out
     cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_optimization": zero, "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
-    stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank()), 1,
-                              prepare=_prep)
+    stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank()), 1)
     for b in _batches(vision, text, batch, steps, seed=dist.rank()):
-        stepper.run([b])
+        stepper.run([_device_batch(b)])
     inner = engine.optimizer
     while hasattr(inner, "optimizer"):  # ZeRO wrappers hold the torch optimizer inside
         inner = inner.optimizer

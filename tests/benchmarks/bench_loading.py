@@ -2,11 +2,11 @@
 sampler cost at scale?
 
 1. Loading: one process, a DeepSpeed engine (the demo's ZeRO-2 fp32 config) and the trainer's step
-   (engine.accumulation.ContrastiveStep with the trainer's uint8 -> normalised preparation), on real
+   (engine.train.step.ContrastiveStep with the trainer's uint8 -> normalised preparation), on real
    synthetic data in our LMDB. Per step time with
      memory:   pre-made in-memory micro-batches (no loading at all: the floor),
-     serial:   next() on a DataLoader in series with the step (the trainer before engine.prefetch),
-     prefetch: engine.loading.epoch_batches (the trainer now: a background thread reads ahead).
+     serial:   next() on a DataLoader in series with the step (the trainer before engine.loader.prefetch),
+     prefetch: engine.loader.batches.epoch_batches (the trainer now: a background thread reads ahead).
    The three run interleaved step by step (the order rotating each step) on the same engine and the
    same sample order, so drift in machine load hits all alike; the table gives the median step.
 2. Sampler: for N = 1M, 10M, 100M samples on W ranks, the time and peak RSS (in a fresh process each,
@@ -53,10 +53,10 @@ def _peak_rss_mb() -> float:
 # --- 1. loading ------------------------------------------------------------------------------------
 
 def _dataset(root: Path, images: int, resolution: int):
-    from data.build import build_store
-    from data.datasets import PairDataset
-    from data.lmdb_store import ImageStore
-    from data.pairs import read_queries, training_pairs
+    from data.images.build_store import build_store
+    from data.images.datasets import PairDataset
+    from data.images.store import ImageStore
+    from data.queries import read_queries, training_pairs
     from data.synthetic import make_synthetic
     from data.tokenizer import load_tokenizer
 
@@ -75,13 +75,13 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
     from tests.ranks import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    from data.images import normalize_uint8
+    from engine.loader.batches import DeviceBatch
     from data.sampler import ShardedSampler
     from engine import dist
-    from engine.accumulation import ContrastiveStep
-    from engine.config import load_ds_settings
-    from engine.loading import epoch_batches
-    from engine.optim import build_optimizer, param_groups, scheduler_factory
+    from engine.train.step import ContrastiveStep
+    from engine.train.ds_settings import load_ds_settings
+    from engine.loader.batches import epoch_batches
+    from engine.train.optim import build_optimizer, param_groups, scheduler_factory
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=True, always=True)
@@ -106,10 +106,10 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds.for_engine(),
                                           lr_scheduler=scheduler_factory(10, 10 ** 6), dist_init_required=False)
 
-        def prepare(b):  # the trainer's _prepare
-            return normalize_uint8(b["image"], store.mean, store.std, dtype=torch.float32), b["input_ids"]
+        def ready(b):  # what the trainer's loader hands the step
+            return DeviceBatch(b["image"], b["input_ids"], store.mean, store.std, torch.float32)
 
-        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1, prepare=prepare)
+        stepper = ContrastiveStep(engine, ClipLoss(gather=dist.all_gather_with_grad), 1)
         def loader():
             sampler = ShardedSampler(len(dataset), 0, 1, seed=0)
             sampler.set_epoch(0)
@@ -124,7 +124,7 @@ def loading(resolution: int, images: int, steps: int, warmup: int) -> dict:
         for s in range(n_batches):
             for k in names[s % 3:] + names[: s % 3]:  # rotate who goes first
                 t = time.perf_counter()
-                stepper.run([next(sources[k])])
+                stepper.run([ready(next(sources[k]))])
                 if s >= warmup:
                     times[k].append(time.perf_counter() - t)
         sources["prefetch"].close()
@@ -225,7 +225,7 @@ def main() -> int:
         print("| batches from | ms/step | x in-memory |\n|---|---:|---:|")
         print(f"| in-memory (no loading) | {r['memory_ms']:.1f} | 1.00 |")
         print(f"| DataLoader in series (before) | {r['serial_ms']:.1f} | {r['serial_ratio']:.3f} |")
-        print(f"| engine.prefetch (now) | {r['prefetch_ms']:.1f} | {r['prefetch_ratio']:.3f} |")
+        print(f"| engine.loader.prefetch (now) | {r['prefetch_ms']:.1f} | {r['prefetch_ratio']:.3f} |")
         print(f"\nreading alone: {r['read_ms']:.1f} ms per micro-batch; mean ms/step {r['mean_ms']}, "
               f"min {r['min_ms']}")
     if a.part in ("all", "sampler"):

@@ -42,7 +42,7 @@ def main() -> None:
 
     import torch
 
-    from engine import onnx_export
+    from engine.tools import onnx_export
     from models import build_clip
 
     torch.set_num_threads(a.threads)

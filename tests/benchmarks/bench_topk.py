@@ -41,8 +41,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.features import ArraySource, save_features, shard_name  # noqa: E402
-from engine.retrieval import plan_blocks, search  # noqa: E402
+from engine.inference.feature_files import ArraySource, save_features, shard_name  # noqa: E402
+from engine.retrieval.search import plan_blocks, search  # noqa: E402
 
 try:
     import faiss  # noqa: E402
@@ -132,9 +132,9 @@ def run_selection_share(n_q: int, n_img: int, dim: int, k: int, repeats: int, pl
     """One lane on one BLAS thread, over the planned tiles: the bare matmul loop, then the same loop
     with each selection (the C scan, numpy's), best of repeats each, interleaved. The difference is
     what the selection costs, as a share of the matmul."""
-    from engine.blas_threads import single_thread_blas
-    from engine.topk_cpu import HeapTopK, RunningTopK
-    from engine.topk_native import kernel
+    from engine.retrieval.blas_threads import single_thread_blas
+    from engine.retrieval.cpu_topk import HeapTopK, RunningTopK
+    from engine.retrieval.native_scan import kernel
 
     rng = np.random.default_rng(4)
     q, x = unit_rows(rng, n_q, dim), unit_rows(rng, n_img, dim)

@@ -4,7 +4,7 @@
   python tests/benchmarks/bench_train_speed.py --configs 1x1 1x1+compile --steps 80
 
 A config is RANKSxTHREADS: THREADS is passed as --threads, or "auto" (no --threads and no
-OMP_NUM_THREADS: the trainer chooses, engine/threads.py); "+compile" adds --compile. 2 ranks go through
+OMP_NUM_THREADS: the trainer chooses, engine/train/threads.py); "+compile" adds --compile. 2 ranks go through
 DeepSpeed's launcher. Each run is one process tree on the bench_patch_dropout data (demo model,
 ds_configs/cpu_demo_zero2_fp32.json, micro batch 64 per rank, so 2 ranks train on 128 per step);
 the configs run in turn, --rounds times. samples/s (all ranks together) is the median of the

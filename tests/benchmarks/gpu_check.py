@@ -4,13 +4,13 @@ Measures ViT-B-16 + RoBERTa-base at 224 px on synthetic batches through the trai
 (Trainer._build_engine: DeepSpeed + our optimizer choice; ContrastiveStep + ClipLoss: the step the
 training loop runs), data loading left out:
   * ZeRO-2 bf16, ZeRO-2 fp16 (DeepSpeed's dynamic loss scaler), ZeRO-3 bf16 at the largest micro batch
-    that fits: samples/s, TFLOP/s per GPU, MFU against the device's peak (engine/flops.py), peak memory;
+    that fits: samples/s, TFLOP/s per GPU, MFU against the device's peak (engine/train/flops.py), peak memory;
   * the same model in a plain torch.amp (bf16 autocast) + DDP + fused AdamW loop, the peer baseline;
     its batch search (doubling, then one bisection step, catching OOM) sets the batch for all rows;
   * fp16 overflow handling: an inf injected into a gradient -> the step is skipped, the loss scale
     halves, the next steps train again;
   * the optimizer step alone: our choice (apex/DeepSpeed FusedAdam) vs torch AdamW (foreach, fused);
-  * exact top-10 (engine/retrieval.py) at 5k x 30k and 100k x 1M x 512 on the GPU, checked against a
+  * exact top-10 (engine/retrieval/search.py) at 5k x 30k and 100k x 1M x 512 on the GPU, checked against a
     plain matmul + topk on a sample of queries;
   * image feature extraction (engine/extract.encode_images, bf16) in images/s, LMDB reads left out.
 Prints a Markdown table and writes it as JSON (--out).
@@ -77,7 +77,7 @@ def _batch(s, b, seed=0):
     """Synthetic (normalised pixels, token ids) on the device; every text runs the full context."""
     import torch
 
-    from data.images import normalize_uint8
+    from data.images.transform import normalize_uint8
     from models import load_text_config, load_vision_config
 
     res, vocab = load_vision_config(s["vision"]).image_resolution, load_text_config(s["text"]).vocab_size
@@ -115,7 +115,7 @@ def _rate(s, step, b):
 
 
 def _figures(s, samples_s, precision):
-    from engine import flops
+    from engine.train import flops
     from models.config import load_text_config, load_vision_config
 
     f = flops.clip_sample_flops(load_vision_config(s["vision"]), load_text_config(s["text"]), s["context"])
@@ -130,8 +130,9 @@ def _figures(s, samples_s, precision):
 def _trainer_engine(s, ds_path):
     """The trainer's engine for this DeepSpeed JSON: Trainer._build_engine on a config made by the
     real flag parser (the data files are placeholders; the trainer's data side is not used)."""
-    from engine.config import build_config, parse_args
-    from engine.trainer import Trainer
+    from engine.train.config import build_config
+    from engine.train.flags import parse_args
+    from engine.train.trainer import Trainer
     from models import build_clip
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
@@ -152,18 +153,18 @@ def work_train(s, ds_path, batch):
     import torch
 
     from engine import dist
-    from engine.accumulation import ContrastiveStep
+    from engine.train.step import ContrastiveStep
     from models import ClipLoss
 
     dist.init_distributed(use_deepspeed=True, always=True)
     cfg, trainer, engine = _trainer_engine(s, ds_path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.ds.precision]
     loss_fn = ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=True)
-    stepper = ContrastiveStep(engine, loss_fn, 1, prepare=lambda b: (b[0].to(dtype), b[1]))
+    stepper = ContrastiveStep(engine, loss_fn, 1)
     data = _batch(s, batch)
     out = {"batch": batch, "optimizer": trainer.opt_name}
     try:
-        out.update(_figures(s, _rate(s, lambda i: stepper.run([data]), batch), cfg.ds.precision))
+        out.update(_figures(s, _rate(s, lambda i: stepper.run([(data[0].to(dtype), data[1])]), batch), cfg.ds.precision))
     except Exception as e:
         if not _is_oom(e):
             raise
@@ -209,7 +210,7 @@ def work_baseline(s, batch_hint):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from engine import dist
-    from engine.optim import param_groups
+    from engine.train.optim import param_groups
     from models import ClipLoss, build_clip
 
     dist.init_distributed(use_deepspeed=False, always=True)
@@ -295,7 +296,7 @@ def run_all(mode, timeout):
     s = SIZES[mode]
     report = {"device": None, "mode": mode, "model": f"{s['vision']} + {s['text']}", "context": s["context"],
               "train": {}, "notes": []}
-    from engine import flops
+    from engine.train import flops
 
     report["device"] = flops.describe_device()[0]
     print(f"gpu_check ({mode}): {report['model']} on {report['device']}", flush=True)

@@ -22,7 +22,7 @@ def part_optimizer(s):
     """Time of one optimizer step over the model's parameters (fp32, random gradients)."""
     import torch
 
-    from engine.optim import build_optimizer, param_groups
+    from engine.train.optim import build_optimizer, param_groups
     from models import build_clip
 
     dev = device()
@@ -55,12 +55,12 @@ def part_optimizer(s):
 
 
 def part_topk(s):
-    """engine.retrieval at each size on this device, checked against matmul + topk on 256 queries."""
+    """engine.retrieval.search at each size on this device, checked against matmul + topk on 256 queries."""
     import numpy as np
     import torch
 
-    from engine.features import ArraySource
-    from engine.retrieval import plan_blocks, search
+    from engine.inference.feature_files import ArraySource
+    from engine.retrieval.search import plan_blocks, search
 
     dev, rng, out = device(), np.random.default_rng(0), []
     for n_q, n_img in s["topk"]:
@@ -90,7 +90,7 @@ class _SyntheticStore:
     def __init__(self, n, res):
         import numpy as np
 
-        from data.images import IMAGE_MEAN, IMAGE_STD
+        from data.images.transform import IMAGE_MEAN, IMAGE_STD
 
         self.pixels = np.random.default_rng(0).integers(0, 256, (n, 3, res, res), dtype=np.uint8)
         self.mean, self.std = IMAGE_MEAN, IMAGE_STD
@@ -102,7 +102,7 @@ class _SyntheticStore:
 def part_extract(s):
     import torch
 
-    from engine.extract import encode_images, eval_mode
+    from engine.inference.extract import encode_images, eval_mode
     from models import build_clip
 
     dev = device()

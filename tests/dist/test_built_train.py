@@ -4,7 +4,7 @@ same seed, sampler and batches must give bit-identical weights."""
 import torch
 
 from launch import build_dataset
-from models.model_file import read_model_file
+from models.weights.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 

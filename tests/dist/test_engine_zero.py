@@ -6,7 +6,7 @@ Riding along in the same processes: --freeze-image-tower with --grad-checkpointi
 import torch
 
 from models import build_clip
-from models.model_file import read_model_file
+from models.weights.model_file import read_model_file
 from tests.dist.workers.engine_common import REPO, make_data, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.features import load_features
+from engine.inference.feature_files import load_features
 from launch.evaluate import main as evaluate_main
 from launch.extract import main as extract_main
 from launch.retrieve import main as retrieve_main
@@ -31,9 +31,9 @@ def extract_args(root, out):
 
 def direct_features(root):
     """Everything in one batch, straight through the model: an independent reference."""
-    from data.images import normalize_uint8
-    from data.lmdb_store import ImageStore
-    from data.pairs import read_queries
+    from data.images.transform import normalize_uint8
+    from data.images.store import ImageStore
+    from data.queries import read_queries
     from data.tokenizer import load_tokenizer, tokenize
 
     model = load_tiny_model(root).eval()
@@ -73,10 +73,10 @@ def test_two_ranks_equal_one_and_direct_encoding(split, tmp_path, repo_root):
 
 
 def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, repo_root):
-    from data.lmdb_store import ImageStore
-    from data.pairs import read_queries
+    from data.images.store import ImageStore
+    from data.queries import read_queries
     from data.tokenizer import load_tokenizer
-    from engine.evaluation import evaluate_retrieval
+    from engine.train.validation import evaluate_retrieval
 
     out = tmp_path / "feats"
     assert extract_main(extract_args(split, out)) == 0
@@ -84,7 +84,7 @@ def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, r
                           "--output", str(tmp_path / "pred.jsonl"), "--no-progress"]) == 0
     assert evaluate_main([str(tmp_path / "pred.jsonl"), str(split / "queries.jsonl"), str(tmp_path / "s.json")]) == 0
     # each folder records what it holds; handed swapped, retrieve refuses instead of writing predictions
-    from engine.features import open_features
+    from engine.inference.feature_files import open_features
     meta = open_features(out / "image_feats").meta
     assert meta["kind"] == "image" and meta["count"] == len(ImageStore(split / "lmdb"))
     assert (meta["image_model"], meta["text_model"], meta["weights"]) == \
@@ -117,10 +117,10 @@ def test_cli_chain_equals_evaluate_retrieval_on_1_and_2_ranks(split, tmp_path, r
 def test_validation_both_directions_equals_the_cli_chain(split, tmp_path):
     """The trainer's both-direction validation scores what retrieve.py (t2i and i2t) + evaluate.py
     --mode both compute from extracted files; its t2i numbers are evaluate_retrieval's."""
-    from data.lmdb_store import ImageStore
-    from data.pairs import read_queries
+    from data.images.store import ImageStore
+    from data.queries import read_queries
     from data.tokenizer import load_tokenizer
-    from engine.evaluation import evaluate_both_directions, evaluate_retrieval
+    from engine.train.validation import evaluate_both_directions, evaluate_retrieval
 
     out = tmp_path / "feats"
     assert extract_main(extract_args(split, out)) == 0

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from engine.accumulation import ContrastiveStep, NonFiniteLoss
+from engine.train.step import ContrastiveStep, NonFiniteLoss
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import run_ranks
 

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from engine.logging import read_events, read_scalars
+from engine.run.log import read_events, read_scalars
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import REPO, assert_all_ok, base_env, run_ranks
 

@@ -8,8 +8,8 @@ import signal
 
 import torch
 
-from engine.logging import read_scalars
-from models.model_file import read_model_file
+from engine.run.log import read_scalars
+from models.weights.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 
@@ -89,7 +89,7 @@ def test_killed_during_save_then_resumed_is_bit_identical(tmp_path):
 # --- the checkpoint bookkeeping on its own (no processes) ----------------------------------------
 
 def _tag(base, step, complete=True, run_id=None):
-    from engine.checkpoint import META, tag_for
+    from engine.run.checkpoint import META, tag_for
     d = base / tag_for(step)
     d.mkdir(parents=True)
     if complete:
@@ -101,7 +101,7 @@ def test_resolve_accepts_only_complete_checkpoints(tmp_path):
     import pytest
 
     from data.files import InputError
-    from engine.checkpoint import resolve
+    from engine.run.checkpoint import resolve
 
     ck = tmp_path / "run" / "checkpoints"
     done, half = _tag(ck, 4), _tag(ck, 8, complete=False)
@@ -120,7 +120,7 @@ def test_resolve_accepts_only_complete_checkpoints(tmp_path):
 
 
 def test_prune_deletes_only_this_runs_older_complete_tags(tmp_path):
-    from engine.checkpoint import prune
+    from engine.run.checkpoint import prune
 
     for s in (2, 3, 4):
         _tag(tmp_path, s, run_id="mine")
@@ -142,7 +142,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
 
     import numpy as np
 
-    from engine.checkpoint import rng_state, set_rng_state
+    from engine.run.checkpoint import rng_state, set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save(rng_state(), tmp_path / "rng.pt")

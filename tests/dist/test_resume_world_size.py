@@ -7,7 +7,7 @@ there the resumed run must stay much closer to the 2-rank run than the 1-rank ru
 changes the ZeRO stage or the global batch is refused in one line before DeepSpeed loads anything."""
 import torch
 
-from models.model_file import read_model_file
+from models.weights.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, run_ranks
 
@@ -73,7 +73,7 @@ def test_resume_on_another_world_size_matches_the_uninterrupted_run(tmp_path):
 
 def test_zero3_resume_on_another_world_size_matches_the_uninterrupted_run(tmp_path):
     """DeepSpeed 0.19.8's ZeRO-3 universal load shares one Adam step counter between the param
-    groups and gives every group group 0's weight decay (engine/checkpoint.py repairs both): without
+    groups and gives every group group 0's weight decay (engine/run/checkpoint.py repairs both): without
     the repairs this ends 7e-4 (step) and 1.7e-3 (weight decay) away. A large --wd makes the second
     visible: the no-decay group (biases, norms, embeddings) must not decay after the resume."""
     data = make_data(tmp_path / "data")

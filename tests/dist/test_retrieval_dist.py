@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.features import save_features, shard_name
+from engine.inference.feature_files import save_features, shard_name
 from launch.retrieve import main as retrieve_main
 from tests.ranks import assert_all_ok, base_env, free_port, run_ranks
 

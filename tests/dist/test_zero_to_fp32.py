@@ -7,8 +7,8 @@ import sys
 import torch
 
 from models import build_clip
-from models.convert import load_pretrained_clip, read_clip_weights
-from models.model_file import read_model_file
+from models.weights import load_pretrained_clip, read_clip_weights
+from models.weights.model_file import read_model_file
 from tests.dist.workers.engine_common import make_data, train_argv, write_ds
 from tests.ranks import assert_all_ok, base_env, run_ranks
 

@@ -17,7 +17,7 @@ def test_gpu_check_cpu_smoke_reports_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
 
-    from engine.flops import clip_sample_flops
+    from engine.train.flops import clip_sample_flops
     from models.config import load_text_config, load_vision_config
 
     per_sample = clip_sample_flops(load_vision_config("ViT-tiny-test"), load_text_config("BERT-tiny-test"), 16).train

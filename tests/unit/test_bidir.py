@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.bidir_metrics import invert_references
-from engine.features import save_features
+from engine.scoring.recall import invert_references
+from engine.inference.feature_files import save_features
 from launch.evaluate import main as evaluate_main
 from launch.retrieve import main as retrieve_main
 from tests.unit.test_retrieval import grid_features, oracle_rows

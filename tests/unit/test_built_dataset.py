@@ -1,4 +1,4 @@
-"""launch/build_dataset.py + data.built: a built data set against the jsonl + single-LMDB path it replaces."""
+"""launch/build_dataset.py + data.built.reader: a built data set against the jsonl + single-LMDB path it replaces."""
 import json
 import os
 import subprocess
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.build import build_store
-from data.built import BuiltDataset
-from data.dataset_plan import shard_of
-from data.datasets import PairDataset
-from data.lmdb_store import ImageStore
-from data.pairs import read_queries, training_pairs
+from data.images.build_store import build_store
+from data.built.reader import BuiltDataset
+from data.built.layout import shard_of
+from data.images.datasets import PairDataset
+from data.images.store import ImageStore
+from data.queries import read_queries, training_pairs
 from data.synthetic import make_synthetic
 from data.tokenizer import load_tokenizer
 from launch import build_dataset as cli

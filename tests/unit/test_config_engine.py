@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from data.files import InputError
-from engine.config import build_config, load_ds_settings, parse_args
+from engine.train.config import build_config
+from engine.train.ds_settings import load_ds_settings
+from engine.train.flags import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +57,7 @@ def test_sampling_mode_is_global_unless_shard_local(files):
 
 def test_resume_refuses_another_sampling_mode():
     """A checkpoint records its sampling mode; resuming it in the other mode would not be exact."""
-    from engine.resume import RunShape, check
+    from engine.run.resume import RunShape, check
 
     saved = {"world_size": 1, "micro_batch": 4, "grad_accum": 1, "train_pairs": 40, "zero_stage": 2,
              "precision": "fp32", "epoch": 0, "step_in_epoch": 3}

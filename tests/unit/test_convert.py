@@ -17,8 +17,8 @@ from transformers import BertConfig, BertForPreTraining, BertModel, ChineseCLIPC
 
 import models
 from tests.unit.tiny_inputs import images, perturb_, token_batch
-from models import convert
-from models.convert import WeightConversionError
+from models import weights as convert
+from models.weights import WeightConversionError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_V, TINY_T = "ViT-tiny-test", "BERT-tiny-test"

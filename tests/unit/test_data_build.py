@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import build as build_mod
-from data.build import BuildError, build_store, decode_base64
+from data.images import build_store as build_mod
+from data.images.build_store import build_store
+from data.images.sources import BuildError, decode_base64
 from data.files import InputError
-from data.images import preprocess_image
-from data.lmdb_store import ImageStore
+from data.images.transform import preprocess_image
+from data.images.store import ImageStore
 
 R = 16
 
@@ -269,7 +270,7 @@ def test_store_without_resize_key_reads_as_center_crop(tmp_path, jpegs):
     # Stores built before the key existed were centre-cropped; resuming one keeps that mode.
     import json
 
-    from data.lmdb_store import MANIFEST_KEY
+    from data.images.store import MANIFEST_KEY
 
     tsv = _tsv(tmp_path / "t.tsv", jpegs.items())
     build_store(tsv, tmp_path / "db", R, workers=0, progress=False, resize="center-crop")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import (IMAGE_MEAN, IMAGE_STD, ImageDecodeError, decode_image, normalize_uint8,
-                         preprocess_image)
+from data.images.transform import (IMAGE_MEAN, IMAGE_STD, ImageDecodeError, decode_image, normalize_uint8,
+                                   preprocess_image)
 from data.files import InputError
 
 

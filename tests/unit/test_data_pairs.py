@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.datasets import ImageDataset, PairDataset, TextDataset
+from data.images.datasets import ImageDataset, PairDataset, TextDataset
 from data.files import InputError
-from data.lmdb_store import ImageStore, ImageStoreWriter
-from data.pairs import Query, check_ids_present, read_queries, training_pairs
+from data.images.store import ImageStore, ImageStoreWriter
+from data.queries import Query, check_ids_present, read_queries, training_pairs
 from data.tokenizer import load_tokenizer
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data.files import InputError
-from data.images import IMAGE_MEAN, IMAGE_STD
-from data.lmdb_store import MANIFEST_KEY, ImageStore, ImageStoreWriter
+from data.images.transform import IMAGE_MEAN, IMAGE_STD
+from data.images.store import MANIFEST_KEY, ImageStore, ImageStoreWriter
 
 
 def _images(n, r, seed=0):

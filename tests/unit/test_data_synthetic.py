@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.lmdb_store import ImageStore
-from data.pairs import read_queries, training_pairs, check_ids_present
+from data.images.store import ImageStore
+from data.queries import read_queries, training_pairs, check_ids_present
 from data.synthetic import COLOURS, POSITIONS, SHAPES, make_synthetic
 from data.tokenizer import load_tokenizer, tokenize
 

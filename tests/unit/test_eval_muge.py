@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine.muge_eval import run
+from engine.scoring.muge import run
 
 from launch.evaluate import main as evaluate_main
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.lmdb_store import ImageStoreWriter
+from data.images.store import ImageStoreWriter
 from launch import gallery as gallery_cli
 
 GREEN, RED = (0x22, 0xAA, 0x22), (0xCC, 0x33, 0x33)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import normalize_uint8, preprocess_image
+from data.images.transform import normalize_uint8, preprocess_image
 from data.tokenizer import tokenize
-from engine.model_loading import load_model
+from engine.inference.model import load_model
 from models import build_clip
-from models.model_file import make_record, save_model_file
+from models.weights.model_file import make_record, save_model_file
 from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
 from tests.unit.test_convert import hf_features, load_cli
 

@@ -1,7 +1,7 @@
 """Recall@k with MUGE's hit semantics."""
 import pytest
 
-from engine.metrics import hits_at, muge_scores, recall_fractions
+from engine.scoring.recall import hits_at, muge_scores, recall_fractions
 
 
 def test_hits_at_is_any_reference_in_top_r():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from data.files import InputError
-from data.lmdb_store import ImageStore
-from engine.model_loading import load_model
+from data.images.store import ImageStore
+from engine.inference.model import load_model
 from launch.extract import main as extract_main
 from models import build_clip
-from models.model_file import FORMAT, make_record, save_model_file, vocab_sha256
+from models.weights.model_file import FORMAT, make_record, save_model_file, vocab_sha256
 from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
 
 
@@ -123,7 +123,7 @@ def test_plain_state_dict_images_only_without_vocab_takes_the_vocab_size_from_th
 
 def test_init_from_wrong_shapes_gets_no_vocab_hint(split, tmp_path):
     # issue 10: the trainer added its "--vocab has N tokens" note to any conversion error.
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
 
     note = "VOCAB-NOTE"
     cfg = types.SimpleNamespace(init_from=str(split["weights"]), clip_weight_path=None, bert_weight_path=None)
@@ -139,8 +139,8 @@ def test_init_from_wrong_shapes_gets_no_vocab_hint(split, tmp_path):
 
 
 def test_init_from_chinese_clip_warns_on_a_center_crop_store(split, tmp_path):
-    from engine.export import warn_preprocessing
-    from models.convert import save_checkpoint_dict, to_chinese_clip
+    from engine.run.export import warn_preprocessing
+    from models.weights import save_checkpoint_dict, to_chinese_clip
 
     ckpt = tmp_path / "cn.pt"
     save_checkpoint_dict(to_chinese_clip(split["state"], name="x"), ckpt)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.optim import BETAS, WarmupCosine, build_optimizer, param_groups, scheduler_factory
+from engine.train.optim import BETAS, WarmupCosine, build_optimizer, param_groups, scheduler_factory
 from models import build_clip
 
 

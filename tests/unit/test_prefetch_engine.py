@@ -1,4 +1,4 @@
-"""Background prefetching of micro-batches (engine.prefetch, engine.loading): the same batches in the
+"""Background prefetching of micro-batches (engine.loader.prefetch, engine.loader.batches): the same batches in the
 same order as direct iteration, loader errors re-raised with their message, bounded waits for a hung
 loader, and no thread left behind; the sampler choice for --shard-local."""
 import threading
@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.datasets import ImageDataset
+from data.images.datasets import ImageDataset
 from data.files import InputError
-from data.lmdb_store import ImageStore, ImageStoreWriter
+from data.images.store import ImageStore, ImageStoreWriter
 from data.sampler import ShardedSampler
-from engine.loading import build_sampler, epoch_batches
-from engine.prefetch import Prefetcher
+from engine.loader.batches import build_sampler, epoch_batches
+from engine.loader.prefetch import Prefetcher
 
 N_IMAGES = 64
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import normalize_uint8, preprocess_image
+from data.images.transform import normalize_uint8, preprocess_image
 from data.tokenizer import load_tokenizer, tokenize
 from models import build_clip
-from models.model_file import make_record, save_model_file
+from models.weights.model_file import make_record, save_model_file
 from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
 from tests.ranks import REPO
 

@@ -1,4 +1,4 @@
-"""What a resume may change (engine/resume.py), without processes: the checks against the saved
+"""What a resume may change (engine/run/resume.py), without processes: the checks against the saved
 record, the data position on another world size (against the sampler itself), the watchdog."""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 from data.files import InputError
 from data.sampler import ShardedSampler
-from engine.resume import RunShape, check, data_position
+from engine.run.resume import RunShape, check, data_position
 
 SAVED = {"world_size": 2, "micro_batch": 4, "grad_accum": 1, "train_pairs": 96, "zero_stage": 2,
          "precision": "fp32", "epoch": 0, "step_in_epoch": 3, "samples_per_rank_done": 12}

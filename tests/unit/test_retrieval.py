@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from data.files import InputError
-from engine.features import (ArraySource, load_features, open_features, save_features, shard_name,
-                             write_feature_jsonl)
-from engine.retrieval import (canonical_topk, distributed_search, merge_topk, plan_blocks, search,
-                              write_predictions)
+from engine.inference.feature_files import (ArraySource, load_features, open_features, save_features, shard_name,
+                                            write_feature_jsonl)
+from engine.retrieval.search import canonical_topk, distributed_search, merge_topk, plan_blocks, search
+from engine.scoring.predictions import write_predictions
 
 
 def oracle_rows(q, x, k):
@@ -236,7 +236,7 @@ def test_killed_writer_never_leaves_a_complete_looking_file(tmp_path, repo_root)
     out = tmp_path / "pred.jsonl"
     code = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[2])\n"
-        "from engine.retrieval import write_predictions\n"
+        "from engine.scoring.predictions import write_predictions\n"
         "print('start', flush=True)\n"
         "write_predictions(sys.argv[1], np.arange(500_000), np.zeros((500_000, 10), np.int64))\n"
     )
@@ -268,7 +268,7 @@ def test_zip_members_are_stored_uncompressed(tmp_path):
 # --- what a feature file holds ---------------------------------------------------------------------
 
 def test_feature_record_round_trips_and_swapped_folders_are_refused(tmp_path, capsys):
-    from engine.features import check_kind
+    from engine.inference.feature_files import check_kind
     from launch.retrieve import main as retrieve_main
 
     rng = np.random.default_rng(0)
@@ -334,7 +334,7 @@ def test_cpu_tiles_split_queries_evenly(n_q, query_chunk):
 def test_non_finite_features_are_named_and_huge_finite_ones_pass(bad):
     """The row-sum fast path of the finite check: +inf and -inf in one row sum to NaN, a NaN or
     inf alone stays; a finite row whose sum overflows is not an error."""
-    from engine.retrieval import _check_finite
+    from engine.retrieval.search import _check_finite
 
     x = np.ones((6, 4), np.float32)
     x[2] = np.finfo(np.float32).max  # finite, sums to inf

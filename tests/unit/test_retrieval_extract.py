@@ -1,10 +1,11 @@
-"""engine.extract with a stand-in model: shards on the batch grid, equal forward counts on every
+"""engine.inference.extract with a stand-in model: shards on the batch grid, equal forward counts on every
 rank (ZeRO-3 needs them), eval mode restored, low-precision features re-normalised."""
 import numpy as np
 import pytest
 import torch
 
-from engine import dist, extract
+from engine import dist
+from engine.inference import extract
 
 
 class StandIn(torch.nn.Module):
@@ -68,7 +69,7 @@ def test_shards_cover_all_in_order_with_equal_forward_counts(monkeypatch, n, bat
 
 
 def test_text_shards(monkeypatch):
-    from data.pairs import Query
+    from data.queries import Query
 
     class Tok:  # what data.tokenizer.tokenize needs from a tokenizer
         def __call__(self, texts, max_length, **kw):

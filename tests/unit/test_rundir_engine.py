@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from data.files import InputError
-from engine import checkpoint, rundir
+from engine.run import checkpoint
+from engine.run import rundir
 
 
 def _a_run(run_dir):
@@ -50,11 +51,11 @@ def test_overwrite_moves_the_old_run_aside_and_keeps_every_file(tmp_path):
 
 
 def test_held_log_lines_reach_train_log_once_the_run_dir_exists(tmp_path):
-    from engine.logging import attach_run_log, setup_logging
+    from engine.run.log import attach_run_log, setup_logging
 
     setup_logging(None, 0)
     logging.getLogger("clip").info("before the run dir")
-    logging.getLogger("engine.checkpoint").info("from a module")
+    logging.getLogger("engine.run.checkpoint").info("from a module")
     assert not (tmp_path / "r").exists()
     attach_run_log(tmp_path / "r")
     logging.getLogger("clip").info("after")

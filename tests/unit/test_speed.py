@@ -8,8 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from engine import flops
-from engine.threads import choose_threads
+from engine.train import flops
+from engine.train.threads import choose_threads
 from models.config import load_text_config, load_vision_config
 from models.vit import drop_patches, kept_patches
 
@@ -129,8 +129,8 @@ def test_log_step_reports_tflops_and_mfu(caplog):
     import logging
     import types
 
-    from engine.speed import SpeedSettings, Throughput
-    from engine.trainer import Trainer
+    from engine.train.speed import SpeedSettings, Throughput
+    from engine.train.trainer import Trainer
 
     class TB:
         def __init__(self):
@@ -160,8 +160,8 @@ def test_speed_flags_reach_the_config_and_bad_values_are_refused():
     import argparse
 
     from data.files import InputError
-    from engine.config import build_parser
-    from engine.speed import speed_settings
+    from engine.train.flags import build_parser
+    from engine.train.speed import speed_settings
 
     args = build_parser().parse_args(["--train-data", "q", "--train-img", "i", "--patch-dropout", "0.5",
                                       "--compile", "--threads", "3"])

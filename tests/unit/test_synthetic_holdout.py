@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from data.pairs import read_queries
+from data.queries import read_queries
 from data.synthetic import COLOURS, HELDOUT_TEMPLATES, POSITIONS, SHAPES, TEMPLATES, make_synthetic
 from tests.unit.test_data_synthetic import _parse_caption, _read_tsv
 

@@ -2,7 +2,7 @@
 the format; installed by `make test` from tests/requirements-optional.txt) and by our own reader."""
 import pytest
 
-from engine.logging import ScalarWriter, read_scalars
+from engine.run.log import ScalarWriter, read_scalars
 
 
 def _tensorboard_points(log_dir, tag):

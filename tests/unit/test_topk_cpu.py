@@ -1,13 +1,13 @@
-"""The CPU tiled top-k (engine/topk_cpu.py) against a full-sort oracle, at tile shapes that stress
+"""The CPU tiled top-k (engine/retrieval/cpu_topk.py) against a full-sort oracle, at tile shapes that stress
 its shortcuts: ties split across tile boundaries, k larger than a tile, fewer images than k. Each
 search runs twice: with the C scan (HeapTopK) and with numpy's selection (RunningTopK)."""
 import numpy as np
 import pytest
 
-from engine.features import ArraySource
-from engine.retrieval import plan_blocks, search
-from engine.topk_cpu import SENTINEL, HeapTopK, RunningTopK, search_blocks
-from engine.topk_native import kernel
+from engine.inference.feature_files import ArraySource
+from engine.retrieval.search import plan_blocks, search
+from engine.retrieval.cpu_topk import SENTINEL, HeapTopK, RunningTopK, search_blocks
+from engine.retrieval.native_scan import kernel
 
 
 @pytest.fixture(params=[True, False], ids=["c-scan", "numpy"])
@@ -116,7 +116,7 @@ def test_cli_in_one_cpu_process_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from engine.features import save_features
+    from engine.inference.feature_files import save_features
 
     rng = np.random.default_rng(8)
     q, x = tied_images(rng, 13, 16), tied_images(rng, 700, 16)
@@ -149,8 +149,8 @@ def test_rows_left_after_whole_groups_are_searched_too(native):
 def test_lanes_equal_oracle(lanes, tq, native):
     """Queries split over lane threads (whole chunks each, uneven when the chunks do not divide)
     give the one-lane result, ties across tiles included, and the BLAS threads come back."""
-    from engine.blas_threads import blas_threads
-    from engine.topk_cpu import lane_bounds
+    from engine.retrieval.blas_threads import blas_threads
+    from engine.retrieval.cpu_topk import lane_bounds
 
     rng = np.random.default_rng(lanes * 100 + tq)
     q, x = tied_images(rng, 300, 16), tied_images(rng, 700, 16)
@@ -169,8 +169,8 @@ def test_lanes_equal_oracle(lanes, tq, native):
 def test_a_failing_lane_fails_the_search_and_restores_blas(monkeypatch):
     import threading
 
-    import engine.topk_cpu as topk_cpu
-    from engine.blas_threads import blas_threads
+    import engine.retrieval.cpu_topk as topk_cpu
+    from engine.retrieval.blas_threads import blas_threads
 
     real = topk_cpu._Lane.search_block
 
@@ -190,7 +190,7 @@ def test_a_failing_lane_fails_the_search_and_restores_blas(monkeypatch):
 
 def test_sort_keys_order_and_decode():
     """The uint64 keys sort as (score desc, row asc) and give the scores back (-0.0 as 0.0)."""
-    from engine.topk_cpu import PAD_KEY, _key_scores, _sort_key
+    from engine.retrieval.cpu_topk import PAD_KEY, _key_scores, _sort_key
 
     rng = np.random.default_rng(4)
     v = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500),
@@ -203,7 +203,7 @@ def test_sort_keys_order_and_decode():
 
 
 def test_blas_thread_section_is_one_thread_and_restored():
-    from engine.blas_threads import blas_threads, single_thread_blas
+    from engine.retrieval.blas_threads import blas_threads, single_thread_blas
 
     before = blas_threads()
     if before is None:

@@ -1,4 +1,4 @@
-"""Building and loading the C top-k scan (engine/topk_native.py): cached per source and CPU, built
+"""Building and loading the C top-k scan (engine/retrieval/native_scan.py): cached per source and CPU, built
 atomically, and where it cannot be built the search falls back to numpy's selection with a
 warning and the same results."""
 import logging
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-import engine.topk_native as native
-from engine.topk_cpu import HeapTopK, search_blocks
+import engine.retrieval.native_scan as native
+from engine.retrieval.cpu_topk import HeapTopK, search_blocks
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_another_cpu_gets_its_own_library(fresh, monkeypatch):
 
 def test_ranks_building_at_once_all_load_it(fresh, repo_root):
     """Four processes start with an empty cache at the same time, as the ranks of a job do."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from engine.topk_native import kernel; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from engine.retrieval.native_scan import kernel; "
             "assert kernel() is not None")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(repo_root)], stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
@@ -63,7 +63,7 @@ def test_ranks_building_at_once_all_load_it(fresh, repo_root):
 def test_without_a_working_compiler_numpy_selects_the_same(fresh, monkeypatch, caplog, cc):
     want = grid_search(native_flag=False)
     monkeypatch.setenv("CC", cc)
-    with caplog.at_level(logging.WARNING, logger="engine.topk_native"):
+    with caplog.at_level(logging.WARNING, logger="engine.retrieval.native_scan"):
         got = grid_search(native_flag=None)
     assert native.kernel() is None
     assert "numpy's selection, ~5% slower" in caplog.text
@@ -77,7 +77,7 @@ def test_a_cache_that_cannot_be_written_falls_back(fresh, monkeypatch, caplog, t
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("CLIP_NATIVE_CACHE", str(blocker / "native"))
-    with caplog.at_level(logging.WARNING, logger="engine.topk_native"):
+    with caplog.at_level(logging.WARNING, logger="engine.retrieval.native_scan"):
         got = grid_search(native_flag=None)
     assert native.kernel() is None and "could not build topk_heap.c" in caplog.text
     want = grid_search(native_flag=False)
@@ -91,7 +91,7 @@ def test_turned_off_by_the_environment(fresh, monkeypatch):
 
 
 def test_bad_tiles_are_refused(fresh):
-    from engine.topk_cpu import HeapTopK
+    from engine.retrieval.cpu_topk import HeapTopK
 
     top = HeapTopK(4, 2, native.kernel())
     with pytest.raises(ValueError, match="C-contiguous float32"):

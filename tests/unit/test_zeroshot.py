@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.synthetic import COLOURS
-from engine.zeroshot import DEFAULT_TEMPLATES
+from engine.tools.zeroshot import DEFAULT_TEMPLATES
 from launch.zeroshot import main as zeroshot_main
 from tests.dist.workers.extract_fixture import build_tiny_split, load_tiny_model
 
@@ -24,10 +24,10 @@ def split(tmp_path_factory):
 
 
 def oracle(root, templates):
-    """Independent of engine.zeroshot: raw model outputs one prompt and one image at a time, then
+    """Independent of engine.tools.zeroshot: raw model outputs one prompt and one image at a time, then
     plain numpy for the normalisations, the mean, the scores and the ranking."""
-    from data.images import normalize_uint8
-    from data.lmdb_store import ImageStore
+    from data.images.transform import normalize_uint8
+    from data.images.store import ImageStore
     from data.tokenizer import load_tokenizer, tokenize
 
     model = load_tiny_model(root).eval()

@@ -12,7 +12,7 @@ TRAIN = str(REPO / "launch" / "train.py")
 
 def make_data(root: Path, train_images: int = 96, valid_images: int = 40, seed: int = 0) -> Dict[str, str]:
     """The synthetic generator's files and LMDB stores at 32 px (ViT-tiny-test's resolution)."""
-    from data.build import build_store
+    from data.images.build_store import build_store
     from data.synthetic import make_synthetic
 
     root = Path(root)

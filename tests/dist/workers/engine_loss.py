@@ -2,7 +2,7 @@
 
 Every rank builds the same tiny CLIP and computes the oracle itself: the loss and gradient of one
 process on the whole concatenated batch (no DeepSpeed, no gather). Then, through real DeepSpeed
-engines (ZeRO 0, fp32, no clipping) and engine.accumulation.ContrastiveStep, it reads the gradient
+engines (ZeRO 0, fp32, no clipping) and engine.train.step.ContrastiveStep, it reads the gradient
 that the optimizer would apply (after DeepSpeed's averaging over ranks and accumulation) for:
   local / global loss with one micro-batch per rank,
   exact accumulation (k=2 micro-batches of half the size), local and global,
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from data.datasets import PairDataset
-from data.images import normalize_uint8
-from data.lmdb_store import ImageStore
-from data.pairs import read_queries, training_pairs
+from data.images.datasets import PairDataset
+from data.images.transform import normalize_uint8
+from data.images.store import ImageStore
+from data.queries import read_queries, training_pairs
 from data.tokenizer import load_tokenizer
 from engine import dist
-from engine.accumulation import ContrastiveStep
+from engine.train.step import ContrastiveStep
 from models import ClipLoss, build_clip, load_text_config
 
 WORLD_ROWS = 16  # the global batch: 2 ranks x 8 rows, or 2 ranks x 2 micro-batches x 4 rows

@@ -8,11 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from data.lmdb_store import ImageStore  # noqa: E402
-from data.pairs import read_queries  # noqa: E402
+from data.images.store import ImageStore  # noqa: E402
+from data.queries import read_queries  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from engine import dist  # noqa: E402
-from engine.evaluation import evaluate_retrieval  # noqa: E402
+from engine.train.validation import evaluate_retrieval  # noqa: E402
 from tests.dist.workers.extract_fixture import load_tiny_model  # noqa: E402
 
 

@@ -15,7 +15,7 @@ VISION, TEXT = "ViT-tiny-test", "BERT-tiny-test"
 
 
 def build_tiny_split(root: Path, n_images: int = 45, n_queries: int = 23, seed: int = 0) -> dict:
-    from data.lmdb_store import ImageStoreWriter
+    from data.images.store import ImageStoreWriter
     from data.synthetic import caption, vocab_tokens
     from models import build_clip
 

@@ -1,0 +1,156 @@
+"""One optimizer step of the contrastive loss over k micro-batches, exact or plain.
+
+Notation: W ranks, k = gradient_accumulation_steps micro-batches of m rows each, so one step sees
+N = k*W*m pairs. The target is the gradient of the single-process loss L over all N pairs.
+
+The loss function (models.loss.ClipLoss with engine.dist.all_gather_with_grad) gives, on rank r,
+L_r = the loss of r's rows against all gathered columns (local) or of all rows (global). Either way
+the gradient the gather sends back to r's own rows is W * dL/dF_r, and DeepSpeed's average over
+ranks turns that into exactly dL/dF_r. So k = 1 needs nothing more than the gathered loss.
+
+k > 1, exact (GradCache): the negatives of a step must come from all k micro-batches, but only one
+micro-batch's activations fit at a time.
+  pass 1: encode every micro-batch without grad, keep only the features (k*m rows per rank);
+          compute L_r on them with leaf tensors; one backward through the loss (and the gather)
+          gives G = W * dL/dF for this rank's rows, and g_s = dL_r/ds for the logit scale.
+  pass 2: per micro-batch j, re-encode with grad (the same RNG state as in pass 1, so dropout draws
+          the same masks) and backpropagate the surrogate  k * <F_j, G_j>  (+ k * s * g_s once, j=0).
+DeepSpeed divides each backward by k and averages over W, leaving sum_j,r dL/dF_rj dF_rj/dtheta +
+dL/ds ds/dtheta: the exact gradient of one k-times larger batch.
+
+k > 1, plain: each micro-batch's loss is backpropagated on its own (negatives from that micro-batch
+only). Cheaper and NOT equivalent to a larger batch; offered for comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence, Tuple
+
+import torch
+
+from engine import dist
+
+Batch = Tuple[torch.Tensor, torch.Tensor]  # (pixels on device, input_ids on device)
+
+
+def _model_inputs(micro_batch) -> Batch:
+    """(pixels, input_ids) of a micro-batch: a loader's DeviceBatch normalises its images on the
+    device when asked (engine/loader/batches.py); tests and benchmarks may hand the tuple itself."""
+    return micro_batch.inputs() if hasattr(micro_batch, "inputs") else micro_batch
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float          # the step's loss (mean over ranks of the rank losses = the full-batch loss)
+    logit_scale: float   # exp(logit_scale) as used in the loss
+
+
+@contextlib.contextmanager
+def _replay_rng(state):
+    """Run a block with given CPU/CUDA RNG states, then put the outer states back."""
+    cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def _capture_rng():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+class ContrastiveStep:
+    """Runs forward/backward/step for one optimizer step on a DeepSpeed engine (or any object with
+    the same __call__/backward/step interface, for tests).
+
+    loss_fn(image_features, text_features, logit_scale) -> scalar, e.g. ClipLoss(gather=
+    dist.all_gather_with_grad, rank=dist.rank(), local_loss=True). Features are cast to fp32 before
+    the loss: the softmax over a large batch is where bf16/fp16 would lose the most.
+    """
+
+    def __init__(self, engine, loss_fn: Callable, grad_accum: int, exact: bool = True,
+                 step_index: Callable[[], int] = None, before_last_step: Callable[[], None] = None):
+        self.engine = engine
+        self.loss_fn = loss_fn
+        self.k = grad_accum
+        self.exact = exact and grad_accum > 1
+        self.step_index = step_index or (lambda: -1)
+        # Called after the last backward of the step, before its engine.step(): gradients are
+        # complete (and, at ZeRO 0, averaged over ranks) then, e.g. for a grad-norm readout.
+        self.before_last_step = before_last_step or (lambda: None)
+
+    def _check_finite(self, loss: torch.Tensor) -> float:
+        """The mean loss over ranks; every rank raises together if it is NaN/inf anywhere."""
+        total = dist.all_reduce_sum(loss.detach().float().reshape(1).clone())
+        value = total.item() / dist.world_size()
+        if not torch.isfinite(total).all():
+            raise NonFiniteLoss(f"loss is {value} at optimizer step {self.step_index() + 1}: stopping "
+                                "(weights of this step were not updated; lower --lr, or use bf16/fp32)")
+        return value
+
+    def run(self, micro_batches: Sequence[object]) -> StepResult:
+        assert len(micro_batches) == self.k, f"expected {self.k} micro-batches, got {len(micro_batches)}"
+        return self._run_exact(micro_batches) if self.exact else self._run_direct(micro_batches)
+
+    def _run_direct(self, micro_batches: Sequence[object]) -> StepResult:
+        losses, scale = [], 0.0
+        for mb in micro_batches:
+            pixels, ids = _model_inputs(mb)
+            out = self.engine(pixels, ids)
+            s = out["logit_scale"].float()
+            loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), s)
+            losses.append(self._check_finite(loss))
+            scale = s.detach().reshape(-1)[0].item()
+            self.engine.backward(loss)
+            if len(losses) == self.k:
+                self.before_last_step()
+            self.engine.step()
+        return StepResult(sum(losses) / len(losses), scale)
+
+    def _run_exact(self, micro_batches: Sequence[object]) -> StepResult:
+        k = self.k
+        # pass 1: features of the whole step, no activations kept
+        rng, img, txt, rows = [], [], [], []
+        with torch.no_grad():
+            for mb in micro_batches:
+                pixels, ids = _model_inputs(mb)
+                rng.append(_capture_rng())
+                out = self.engine(pixels, ids)
+                img.append(out["image_features"].float())
+                txt.append(out["text_features"].float())
+                rows.append(img[-1].shape[0])
+                scale_out = out["logit_scale"]
+        img_leaf = torch.cat(img).requires_grad_(True)
+        txt_leaf = torch.cat(txt).requires_grad_(True)
+        s_leaf = scale_out.detach().float().clone().requires_grad_(True)
+        loss = self.loss_fn(img_leaf, txt_leaf, s_leaf)
+        value = self._check_finite(loss)
+        loss.backward()  # through the loss and the gather only: cheap
+        g_img, g_txt = img_leaf.grad.split(rows), txt_leaf.grad.split(rows)
+        g_s = s_leaf.grad
+
+        # pass 2: re-encode each micro-batch with grad and push the cached feature gradients in.
+        # (_replay_rng puts the outer RNG state back, so the run's RNG advances as in pass 1 only.)
+        for j, mb in enumerate(micro_batches):
+            pixels, ids = _model_inputs(mb)
+            with _replay_rng(rng[j]):
+                out = self.engine(pixels, ids)
+            surrogate = ((out["image_features"].float() * g_img[j]).sum()
+                         + (out["text_features"].float() * g_txt[j]).sum())
+            if j == 0:  # the logit scale's gradient comes from the loss once per step
+                surrogate = surrogate + (out["logit_scale"].float() * g_s).sum()
+            self.engine.backward(surrogate * k)  # DeepSpeed divides every backward by k
+            if j == k - 1:
+                self.before_last_step()
+            self.engine.step()
+        return StepResult(value, scale_out.detach().float().reshape(-1)[0].item())
