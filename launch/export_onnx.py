@@ -31,17 +31,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     a = p.parse_args(argv)
 
-    from engine.tools import onnx_export
     from engine.inference.model import load_model
+    from engine.inference.source import config_names
+    from engine.tools import onnx_export
+    from models.text import ARCH_FIELDS
 
     try:
         onnx_export.require("onnx", *(() if a.no_check else ("onnxruntime",)))
         t0 = time.perf_counter()
         loaded = load_model(a.weights, a.run, a.model, a.text_model, a.vocab, a.context_length, need_weights=True)
         model, context = loaded.model, loaded.context_length
+        vision, text = config_names(model.vision_config, model.text_config)  # the configs, by name where named
         written = onnx_export.export(model, a.output, context,
-                                     {"model": a.model or "as recorded in the weights file",
-                                      "text_model": a.text_model or "as recorded in the weights file",
+                                     {"model": vision or model.vision_config.to_dict(),
+                                      "text_model": text or {k: getattr(model.text_config, k) for k in ARCH_FIELDS},
                                       "weights": str(loaded.weights), "vocab_size": model.text_config.vocab_size})
         print(f"exported in {time.perf_counter() - t0:.1f}s: " + ", ".join(str(w) for w in written))
         if a.no_check:
