@@ -73,3 +73,30 @@ def test_two_checkouts_never_rebuild_each_others_ops(tmp_path):
     assert "building" not in third and "waiting" not in third
     assert _stamp(build_a) == stamp_a
     assert not (home / ".cache" / "torch_extensions").exists()
+
+
+def test_the_notice_says_build_wait_or_nothing(tmp_path, monkeypatch, capsys):
+    """The one line before a load: a build (nothing built for these sources), a wait (another
+    process holds the build's lock), or nothing (built here from these very sources)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from engine.dist import jit_build_notice
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    what = "the comm op"
+    assert jit_build_notice("ShareMemCommBuilder", what).startswith(f"building {what} for this checkout in {tmp_path}")
+    build = tmp_path / OP
+    (build / "lock").touch()
+    assert jit_build_notice("ShareMemCommBuilder", what).startswith(f"waiting for another process building {what}")
+    (build / "lock").unlink()
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    (build / f"{OP}.so").touch()
+    (build / "build.ninja").write_text("build shm.o: compile /elsewhere/.venv/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
+    assert jit_build_notice("ShareMemCommBuilder", what).startswith("building")  # another venv's build
+    (build / "build.ninja").write_text(f"build x.o: compile {os.path.abspath(builder.deepspeed_src_path(builder.sources()[0]))}\n")
+    assert jit_build_notice("ShareMemCommBuilder", what) is None
+    monkeypatch.setenv("RANK", "1")
+    (build / f"{OP}.so").unlink()
+    assert jit_build_notice("ShareMemCommBuilder", what) is None  # rank 0 speaks for all
+    capsys.readouterr()
