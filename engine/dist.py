@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import logging
 import os
 import socket
@@ -20,7 +19,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, List, NoReturn, Optional
 
 import torch
@@ -34,68 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def prepare_process() -> None:
-    """What a launched process sets up before DeepSpeed is imported (train.py calls it first).
-
-    DeepSpeed JIT-builds C++ ops (the CPU comm op, CPU Adam) into TORCH_EXTENSIONS_DIR, by default one
-    folder per user: two checkouts with their own venvs compile the same op from different paths, so
-    each launch finds the other's build and rebuilds it (minutes, in silence). The default here is
-    one folder per checkout (extensions_dir); a TORCH_EXTENSIONS_DIR set by the user is kept.
-    """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-    if not torch.cuda.is_available():
-        # Without a GPU, CPU is the right device, not a fallback, and the ops are built for the CPU;
-        # DeepSpeed and torch say both as warnings that read like a broken GPU set-up.
-        _drop_log_lines("DeepSpeed", "Setting accelerator to CPU. If you have GPU")
-        _drop_log_lines("torch.utils.cpp_extension", "No CUDA runtime is found")
-
-
-def extensions_dir() -> Path:
-    """This checkout's folder for JIT-built ops, one subfolder per interpreter prefix: the op's sources
-    are found under the prefix (a venv's path; the `deepspeed` launcher's shebang may name another
-    path to the same venv), and a build from other paths would be redone at every switch."""
-    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-    return CHECKOUT / ".torch_extensions" / f"{Path(sys.prefix).name}-{tag}"
-
-
-def _drop_log_lines(logger: str, start: str) -> None:
-    """Drop the records of one library logger whose message starts with `start` (just those)."""
-    logging.getLogger(logger).addFilter(lambda record: not str(record.msg).startswith(start))
-
-
-def jit_build_notice(builder_name: str, what: str) -> Optional[str]:
-    """One line on rank 0, before DeepSpeed loads the JIT op `builder_name`, when that load will build
-    it (no build of this checkout's sources yet) or wait for another process's build (its lock is
-    held): either is silent and takes ~30 s or more, which looks like a hang. Returns the line."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils import cpp_extension
-
-    try:
-        builder = get_accelerator().create_op_builder(builder_name)
-        if builder is None or installed_ops.get(builder.name, False) or not builder.is_compatible():
-            return None
-        build = Path(cpp_extension._get_build_directory(builder.name, verbose=False))
-        ninja, source = build / "build.ninja", os.path.abspath(builder.deepspeed_src_path(builder.sources()[0]))
-        built = (build / f"{builder.name}.so").is_file() and ninja.is_file() and source in ninja.read_text()
-    except Exception:  # noqa: BLE001  (a notice never stops a run; the load itself reports real failures)
-        return None
-    if (build / "lock").exists():
-        line = (f"waiting for another process building {what} in {build} (may take ~30 s; if none is running, "
-                f"remove {build / 'lock'})")
-    elif not built:
-        line = f"building {what} for this checkout in {build} (once; may take ~30 s)"
-    else:
-        return None
-    print(line, flush=True)
-    return line
 
 
 def launched_distributed() -> bool:
@@ -137,8 +73,6 @@ def init_distributed(use_deepspeed: bool = True, timeout_s: float = DEFAULT_TIME
     if use_deepspeed:
         import deepspeed
 
-        if not torch.cuda.is_available():  # DeepSpeed's CPU backend loads its shared-memory comm op
-            jit_build_notice("ShareMemCommBuilder", "DeepSpeed's CPU shared-memory comm op")
         deepspeed.init_distributed(timeout=join, verbose=False)
         # torch 2.14 renamed all_gather_into_tensor (now all_gather_single) and warns at each call;
         # DeepSpeed's ZeRO still calls the old name, which works the same. Only that one warning.

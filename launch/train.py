@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
 from engine import dist  # noqa: E402
+from engine.train import ops  # noqa: E402
 from engine.train.step import NonFiniteLoss  # noqa: E402
 from engine.train.config import build_config  # noqa: E402
 from engine.train.flags import parse_args  # noqa: E402
@@ -24,7 +25,7 @@ EXIT_FAILED, EXIT_NONFINITE = 1, 3  # and data.files.EXIT_BAD_INPUT (2) for a us
 
 
 def main(argv=None) -> int:
-    dist.prepare_process()  # before DeepSpeed is imported (the parser imports it)
+    ops.prepare_process()  # before DeepSpeed is imported (the parser imports it)
     args = parse_args(argv)
     try:
         cfg = build_config(args)  # every flag and the DeepSpeed JSON checked before any work

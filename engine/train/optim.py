@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from engine.dist import jit_build_notice
+from engine.train.ops import jit_build_notice
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from engine.run.export import export_run, warn_preprocessing
 from engine.run.log import ScalarWriter, setup_logging
 from engine.train.config import TrainConfig, write_config
 from engine.train.faults import inject_test_fault
+from engine.train import ops
 from engine.train.optim import build_optimizer, param_groups, scheduler_factory
 from engine.train.speed import Throughput
 from engine.train.step import ContrastiveStep
@@ -178,6 +179,7 @@ class Trainer:
     def _join(self) -> TrainConfig:
         """Join the process group, agree on the run's name and claim its run dir (nothing written yet)."""
         cfg = self.cfg
+        ops.comm_op_notice()  # joining loads DeepSpeed's CPU comm op: a build is said before it starts
         dist.init_distributed(use_deepspeed=True, timeout_s=cfg.dist_timeout, always=True)
         if dist.world_size() != cfg.world_size:
             raise RuntimeError(f"validated for world size {cfg.world_size}, joined {dist.world_size()}")

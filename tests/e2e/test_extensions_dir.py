@@ -3,8 +3,10 @@ builds DeepSpeed's CPU comm op once into its own folder (saying so on one line f
 rebuilds the other's. Before, both built into ~/.cache/torch_extensions from different source paths,
 so every launch rebuilt the op (minutes, in silence).
 
-A launch here is what launch/train.py does before any training: engine.dist.prepare_process, then
-joining the process group through DeepSpeed, which loads (and when needed JIT-builds) the op."""
+A launch here is what launch/train.py does before any training (engine/train/ops.py's set-up and
+notice, then joining the process group through DeepSpeed, which loads and when needed JIT-builds the
+op) and what `make venv` does to pre-build it."""
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,8 +21,8 @@ from tests.ranks import REPO
 pytestmark = pytest.mark.slow
 
 OP = "deepspeed_shm_comm"
-LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); from engine import dist; dist.prepare_process(); "
-          "dist.init_distributed(always=True); print('joined')")
+LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); from engine import dist; from engine.train import ops; "
+          "ops.prepare_process(); ops.comm_op_notice(); dist.init_distributed(always=True); print('joined')")
 
 
 def _checkout(root: Path) -> Path:
@@ -80,16 +82,22 @@ def test_the_notice_says_build_wait_or_nothing(tmp_path, monkeypatch, capsys):
     process holds the build's lock), or nothing (built here from these very sources)."""
     from deepspeed.accelerator import get_accelerator
 
-    from engine.dist import jit_build_notice
+    from engine.train.ops import jit_build_notice
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("RANK", "0")
     what = "the comm op"
     assert jit_build_notice("ShareMemCommBuilder", what).startswith(f"building {what} for this checkout in {tmp_path}")
     build = tmp_path / OP
-    (build / "lock").touch()
-    assert jit_build_notice("ShareMemCommBuilder", what).startswith(f"waiting for another process building {what}")
-    (build / "lock").unlink()
+    (build / "lock").touch()  # torch leaves it after every build: only a held lock means a wait
+    assert jit_build_notice("ShareMemCommBuilder", what).startswith("building")
+    with open(build / "lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another process building (torch's FileLock is an flock)
+        held = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from engine.train.ops import jit_build_notice as n; print(n('ShareMemCommBuilder', 'x'))",
+                               str(REPO)], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "RANK": "0"},
+                              capture_output=True, text=True, timeout=600)
+    assert "waiting for another process building x" in held.stdout, held.stdout + held.stderr
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     (build / f"{OP}.so").touch()
     (build / "build.ninja").write_text("build shm.o: compile /elsewhere/.venv/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
