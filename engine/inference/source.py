@@ -104,6 +104,13 @@ def _from_hf_folder(path: Path) -> Description:
                        vocab_path=vocab if text_of_vocab is not None else None, image=image)
 
 
+def _described(path: Optional[Path], record: Optional[Dict[str, Any]]) -> Optional[Description]:
+    """describe() for weights already read (read_state's record)."""
+    if record is not None:
+        return _from_record(record, path)
+    return _from_hf_folder(path) if path is not None and path.is_dir() else None
+
+
 def describe(path: Optional[Path]) -> Optional[Description]:
     """What the weights at `path` (model_path's answer) say they are; None when they say nothing.
     A model file is memory-mapped: only its record is read."""
@@ -217,8 +224,7 @@ def open_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
     state = record = report = None
     if path is not None:
         state, record, report = read_state(path)
-    desc = _from_record(record, path) if record is not None else (
-        _from_hf_folder(path) if path is not None and path.is_dir() else None)
+    desc = _described(path, record)
     tokenizer = load_tokenizer(vocab) if vocab else None
     if desc is not None:
         check_agreement(desc, path, flags, model, text_model, vocab, context_length, resize)
@@ -246,7 +252,7 @@ def load_weights_into(model, weights: str, flags: Flags = TRAIN_FLAGS) -> str:
     against the model first; returns the report."""
     path = model_path(weights, None, flags)
     state, record, report = read_state(path)
-    desc = _from_record(record, path) if record is not None else (_from_hf_folder(path) if path.is_dir() else None)
+    desc = _described(path, record)
     if desc is not None and (desc.vision != model.vision_config or _text_diff(model.text_config, desc.text)):
         # What the shapes cannot tell (heads, activations) the source's configs do.
         raise InputError(f"{path}: its {desc.what} says vision {desc.vision.to_dict()}, text "
