@@ -130,8 +130,8 @@ def config_names(vision, text):
     """(vision, text) names of the named configs (models/configs) these configs are, the text one up
     to its vocabulary's size; None where none is."""
     names = list_model_configs()
-    return (next((n for n in names["vision"] if load_vision_config(n) == vision), None),
-            next((n for n in names["text"] if not _text_diff(load_text_config(n), text)), None))
+    return (next((n for n in names["vision"] if vision is not None and load_vision_config(n) == vision), None),
+            next((n for n in names["text"] if text is not None and not _text_diff(load_text_config(n), text)), None))
 
 
 def summary(desc: Description) -> str:
