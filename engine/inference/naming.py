@@ -49,6 +49,9 @@ def model_path(weights: Optional[str] = None, run: Optional[str] = None, flags: 
     path = Path(weights)
     if not path.exists():
         raise InputError(f"{flags.weights} {weights}: no such file or directory")
-    if path.is_dir() and (path / RUN_MODEL_FILE).is_file() and not (path / "config.json").is_file():
-        return path / RUN_MODEL_FILE
+    if path.is_dir() and not (path / "config.json").is_file():  # not a ChineseCLIPModel folder
+        if (path / RUN_MODEL_FILE).is_file():
+            return path / RUN_MODEL_FILE
+        raise InputError(f"{flags.weights} {weights}: a folder with neither {RUN_MODEL_FILE} (a run of train.py "
+                         f"--export) nor config.json (a ChineseCLIPModel folder)")
     return path

@@ -77,6 +77,9 @@ def test_zeroshot_flags_that_disagree_with_the_run_are_refused_naming_both(run, 
 def test_zeroshot_without_a_model_says_how_to_name_one(run, tmp_path, capsys):
     assert _zeroshot(run, tmp_path / "z.json") == 2
     assert "give --weights FILE or --run DIR" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert _zeroshot(run, tmp_path / "z.json", "--weights", str(tmp_path / "empty")) == 2
+    assert "a folder with neither model_fp32.pt" in capsys.readouterr().err
 
 
 def test_export_onnx_from_the_run_alone(run, tmp_path):
