@@ -1,43 +1,32 @@
-"""DeepSpeed's JIT-built C++ ops (the CPU shared-memory comm op, CPU Adam, fused Adam): where they are
-built, and saying so before a load that will take a while; with what a launched process sets up
-before DeepSpeed is imported (launch/train.py's first call).
+"""DeepSpeed's JIT-built C++ ops (the CPU shared-memory comm op, CPU Adam, fused Adam): saying so before
+a load that will build one or wait for another process's build; with what a launched process sets
+up before DeepSpeed is imported (launch/train.py's first call). Where they are built: engine.dist
+(use_checkout_extensions_dir), which every join through DeepSpeed passes.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-CHECKOUT = Path(__file__).resolve().parents[2]
+from engine import dist
 
 
 def prepare_process() -> None:
     """What a launched process sets up before DeepSpeed is imported (train.py calls it first).
 
-    DeepSpeed JIT-builds C++ ops (the CPU comm op, CPU Adam) into TORCH_EXTENSIONS_DIR, by default one
-    folder per user: two checkouts with their own venvs compile the same op from different paths, so
-    each launch finds the other's build and rebuilds it (minutes, in silence). The default here is
-    one folder per checkout (extensions_dir); a TORCH_EXTENSIONS_DIR set by the user is kept.
+    DeepSpeed JIT-builds C++ ops (the CPU comm op, CPU Adam) into TORCH_EXTENSIONS_DIR: this checkout's
+    folder from here on (engine.dist.use_checkout_extensions_dir), so that CPU Adam goes there too.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    dist.use_checkout_extensions_dir()
     if not torch.cuda.is_available():
         # Without a GPU, CPU is the right device, not a fallback, and the ops are built for the CPU;
         # DeepSpeed and torch say both as warnings that read like a broken GPU set-up.
         _drop_log_lines("DeepSpeed", "Setting accelerator to CPU. If you have GPU")
         _drop_log_lines("torch.utils.cpp_extension", "No CUDA runtime is found")
-
-
-def extensions_dir() -> Path:
-    """This checkout's folder for JIT-built ops, one subfolder per interpreter prefix: the op's sources
-    are found under the prefix (a venv's path; the `deepspeed` launcher's shebang may name another
-    path to the same venv), and a build from other paths would be redone at every switch."""
-    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-    return CHECKOUT / ".torch_extensions" / f"{Path(sys.prefix).name}-{tag}"
 
 
 def _drop_log_lines(logger: str, start: str) -> None:
@@ -91,7 +80,9 @@ def _lock_held(path: Path) -> bool:
 
 
 def comm_op_notice() -> Optional[str]:
-    """jit_build_notice for the op DeepSpeed's CPU backend loads when the process group is joined."""
+    """jit_build_notice for the op DeepSpeed's CPU backend loads when the process group is joined, in
+    the folder the join will build it in."""
+    dist.use_checkout_extensions_dir()
     if torch.cuda.is_available():
         return None
     return jit_build_notice("ShareMemCommBuilder", "DeepSpeed's CPU shared-memory comm op")
