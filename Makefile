@@ -16,7 +16,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	@echo "pre-building DeepSpeed's CPU shared-memory comm op (once, ~30 s)"
-	$(RUN) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
+	@# As a launch does it: into this checkout's .torch_extensions/ (engine/dist.py; a
+	@# TORCH_EXTENSIONS_DIR you set wins), so two checkouts never rebuild each other's ops.
+	$(RUN) $(PY) -c "from engine import dist; from engine.train import ops; ops.prepare_process(); ops.comm_op_notice(); dist.init_distributed(always=True)" >/dev/null
 	@echo "building the CPU top-k's C scan (once, ~1 s; without a compiler the search uses numpy's)"
 	-$(RUN) $(PY) -c "from engine.retrieval.native_scan import kernel; kernel()"
 	touch $@

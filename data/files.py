@@ -77,6 +77,31 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
         yield f
 
 
+@contextlib.contextmanager
+def atomic_paths(*paths: PathLike) -> Iterator[Tuple[Path, ...]]:
+    """atomic_path for files that belong together (weights and the config JSONs beside them): yield a
+    temporary sibling per path; only when the whole block succeeded are they fsynced and renamed into
+    place, in the order given (put the main file last). On an exception every temporary is removed and
+    no target is touched: a failed command leaves no part of its result."""
+    targets = [Path(p) for p in paths]
+    temps = []
+    try:
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(Path(_new_temp(path, ".tmp" + path.suffix)))
+        yield tuple(temps)
+        for tmp in temps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, path in zip(temps, targets):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
 def read_json_object(path: PathLike, error: type = InputError) -> Dict[str, Any]:
     """A JSON file that must hold one object; `error` (InputError by default) names the file and
     line of a syntax error, or says what the file holds instead."""

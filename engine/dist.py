@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+import warnings
+from pathlib import Path
 from typing import Any, Iterator, List, NoReturn, Optional
 
 import torch
@@ -31,6 +34,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def use_checkout_extensions_dir() -> Path:
+    """Make this checkout's folder the default TORCH_EXTENSIONS_DIR (one set by the user wins), and
+    return the folder in use. Joining through DeepSpeed loads its CPU comm op, JIT-built into that
+    folder; torch's default is one folder per user, where two checkouts with their own venvs compile
+    the op from different paths and rebuild each other's build at every launch (minutes, in silence).
+    One subfolder per interpreter prefix: the sources are found under it (the `deepspeed` launcher's
+    shebang may name another path to the same venv), and a build from other paths is redone."""
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    default = CHECKOUT / ".torch_extensions" / f"{Path(sys.prefix).name}-{tag}"
+    return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default)))
 
 
 def launched_distributed() -> bool:
@@ -72,7 +90,12 @@ def init_distributed(use_deepspeed: bool = True, timeout_s: float = DEFAULT_TIME
     if use_deepspeed:
         import deepspeed
 
+        use_checkout_extensions_dir()
         deepspeed.init_distributed(timeout=join, verbose=False)
+        # torch 2.14 renamed all_gather_into_tensor (now all_gather_single) and warns at each call;
+        # DeepSpeed's ZeRO still calls the old name, which works the same. Only that one warning.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                                category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     else:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend=backend, timeout=join)

@@ -20,20 +20,32 @@ Formats
                   pytorch_model.bin), as written by save_pretrained.
 
 Every conversion prints what it mapped and dropped, and fails listing the keys on unmapped, missing or
-wrongly shaped tensors. --vision / --text take a config name from models/configs or a JSON path.
+wrongly shaped tensors. Every file a command writes appears only when the whole conversion succeeded
+(temporaries renamed into place at the end): a failed or killed conversion leaves no part of its result.
+
+A whole model is named the way every tool names one: our model_fp32.pt or its run (--run RUN), whose
+record brings the configs and vocabulary, or a ChineseCLIPModel folder (its config.json); --vision /
+--text (a config name from models/configs or a JSON path) are then needed only for weights that record
+nothing (a Chinese-CLIP checkpoint, a plain state dict), and given anyway they must agree. A text
+vocabulary of its own size (the tokenizer's) converts in every direction; where the configs match no
+named config, the output gets OUTPUT.vision.json / OUTPUT.text.json beside it, to pass back as
+--vision / --text.
 
 Examples
   python launch/convert_weights.py openai-vit --input ViT-B-16.pt --output weights/vit-b-16.pt
   python launch/convert_weights.py roberta --input chinese_roberta_wwm_ext_pytorch --output weights/roberta.pt
   python launch/convert_weights.py from-chinese-clip --input clip_cn_vit-b-16.pt --output weights/cn-b16.pt \\
       --vision ViT-B-16 --text RoBERTa-wwm-ext-base-chinese
+  python launch/convert_weights.py to-chinese-clip --run logs/NAME --output cn-format.pt
+  python launch/convert_weights.py to-hf --run logs/NAME --output hf-folder
+  python launch/convert_weights.py from-hf --input hf-folder --output hf-back.pt
   python launch/convert_weights.py to-hf --input weights/cn-b16.pt --output hf-folder \\
       --vision ViT-B-16 --text RoBERTa-wwm-ext-base-chinese --vocab chinese_roberta_wwm_ext_pytorch/vocab.txt
-  python launch/convert_weights.py to-hf --input logs/NAME/model_fp32.pt --output hf-folder
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,113 +53,117 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launch/ is not a package: make `models` importable from any cwd
     sys.path.insert(0, str(REPO))
 
-from data.files import report_input_error  # noqa: E402  (light: no torch)
+from data.files import atomic_paths, report_input_error  # noqa: E402  (light: no torch)
+from engine.inference.naming import CONVERT_FLAGS  # noqa: E402  (light: no torch)
 
-# models (torch, transformers) is imported in main(), after parsing, so that --help answers at once.
-convert = load_text_config = load_vision_config = None
+# torch, transformers and the weight formats are imported in main(), after parsing, so that --help
+# answers at once.
+convert = source = torch = load_text_config = config_to_json_dict = None
+
+
+def _config_files(out, vision=None, text=None) -> dict:
+    """The config JSONs to write beside `out` for configs that no named config is (the text one with
+    its vocabulary's size): {path: content}. Read the file back with them as --vision / --text."""
+    out, files = Path(out), {}
+    named_vision, _ = source.config_names(vision, text) if vision is not None else (None, None)
+    if vision is not None and named_vision is None:
+        files[out.with_suffix(".vision.json")] = vision.to_dict()
+    if text is not None and convert.match_text_config(text) is None:
+        files[out.with_suffix(".text.json")] = config_to_json_dict(text)
+    return files
+
+
+def _write(out, save, configs: dict) -> str:
+    """Write `out` (save(temporary_path)) and the config JSONs beside it, all or nothing."""
+    paths = list(configs) + [Path(out)]
+    with atomic_paths(*paths) as temps:
+        for tmp, content in zip(temps, configs.values()):
+            tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        save(temps[-1])
+    lines = [f"wrote {out}"]
+    if configs:
+        lines.append("no named config matches: wrote " + " and ".join(map(str, configs)) + " beside it "
+                     "(pass them as --vision/--text to read it back)")
+    return "\n".join(lines)
+
+
+def _save_state(state):
+    return lambda path: torch.save({k: v.detach().contiguous() for k, v in state.items()}, path)
 
 
 def _openai_vit(args) -> str:
     state, cfg, report = convert.convert_openai(args.input)
     if args.vision:
         convert.check_keys(state, convert.image_tower_shapes(args.vision), f"{args.input} vs {args.vision}")
-    convert.save_state_dict(state, args.output)
-    lines = [str(report), f"wrote {args.output}"]
-    if not args.vision and convert.match_vision_config(cfg) is None:
-        vpath = Path(args.output).with_suffix(".vision.json")
-        convert.write_config_json(cfg.to_dict(), vpath)
-        lines.append(f"no named vision config matches: wrote {vpath} (pass it as --vision; check vision_heads, "
-                     "which the weights do not record)")
-    return "\n".join(lines)
+    unnamed = not args.vision and convert.match_vision_config(cfg) is None
+    out = _write(args.output, _save_state(state), _config_files(args.output, cfg) if unnamed else {})
+    note = " (check vision_heads, which the weights do not record)" if unnamed else ""
+    return f"{report}\n{out}{note}"
 
 
 def _roberta(args) -> str:
     state, config, report = convert.convert_roberta(args.input)
     if args.text_model:
         convert.check_text_compatible(load_text_config(args.text_model), config, f"{args.input} vs {args.text_model}")
-    convert.save_state_dict(state, args.output)
-    return f"{report}\nwrote {args.output}"
+    return f"{report}\n{_write(args.output, _save_state(state), {})}"
+
+
+def _open(args, **kw):
+    """The model an export or import names, through the one helper every tool uses."""
+    return source.open_model(args.input, getattr(args, "run", None), getattr(args, "vision", None),
+                             getattr(args, "text", None),
+                             flags=CONVERT_FLAGS, need_weights=True, **kw)
 
 
 def _from_chinese_clip(args) -> str:
-    obj = convert.load_weights_file(args.input)
-    state, report = convert.from_chinese_clip(obj, f"Chinese-CLIP checkpoint {args.input}")
-    convert.check_keys(state, convert.expected_shapes(args.vision, args.text), f"{args.input} vs {args.vision} + {args.text}")
-    convert.save_state_dict(state, args.output)
-    return f"{report}\nwrote {args.output}"
+    src = _open(args, need_configs=True)
+    return f"{src.report}\n{_write(args.output, _save_state(src.state), {})}"
 
 
 def _to_chinese_clip(args) -> str:
-    state, report = convert.read_clip_weights(args.input)
-    convert.check_keys(state, convert.expected_shapes(args.vision, args.text), f"{args.input} vs {args.vision} + {args.text}")
-    convert.save_checkpoint_dict(convert.to_chinese_clip(state, name=args.name), args.output)
-    return f"{report}\nwrote Chinese-CLIP checkpoint {args.output}"
+    src = _open(args, need_configs=True)
+    ckpt = convert.to_chinese_clip(src.state, name=args.name)
+    out = _write(args.output, lambda path: torch.save(ckpt, path), _config_files(args.output, src.vision, src.text))
+    return f"{src.report}\nChinese-CLIP checkpoint: {out}"
 
 
 def _from_hf(args) -> str:
-    state, vision, text, report = convert.convert_hf(args.input)
-    convert.save_state_dict(state, args.output)
-    lines = [str(report), f"wrote {args.output}"]
-    if convert.match_vision_config(vision) is None or convert.match_text_config(text) is None:
-        out = Path(args.output)
-        vpath, tpath = out.with_suffix(".vision.json"), out.with_suffix(".text.json")
-        convert.write_config_json(vision.to_dict(), vpath)
-        convert.write_config_json(convert.config_to_json_dict(text), tpath)
-        lines.append(f"no named config matches: wrote {vpath} and {tpath} (pass them as --vision/--text)")
-    return "\n".join(lines)
+    if not Path(args.input).is_dir():
+        raise ValueError(f"--input {args.input}: not a folder (a ChineseCLIPModel folder holds config.json and "
+                         "the weights)")
+    src = _open(args)
+    return f"{src.report}\n{_write(args.output, _save_state(src.state), _config_files(args.output, src.vision, src.text))}"
 
 
 def _to_hf(args) -> str:
-    """Our model file needs no flags (its record has the configs, vocab and preprocessing); other
-    weights need --vision and --text, and the text vocabulary is sized from the weights."""
+    """Our model file (or run) needs no flags: its record has the configs, vocab and preprocessing;
+    other weights need --vision and --text, and the text vocabulary is sized from the weights."""
     import tempfile
 
-    from models.weights import model_file
-
-    path = model_file.resolve_weights(args.input, args.run)
-    if path is None:
-        raise ValueError("to-hf needs --input or --run")
-    if path.is_dir():
-        (state, report), record = convert.read_clip_weights(path), None
-    else:
-        obj = convert.load_weights_file(path)
-        record = model_file.unwrap(obj, path)[1]
-        state, report = convert.clip_state_from_object(obj, path)
-        del obj
-    if record is not None:
-        model_file.check_flags(record, path, args.vision, args.text, args.vocab)
-        if args.resize and args.resize != record["image"]["resize"]:
-            raise ValueError(f"--resize {args.resize} conflicts with {path}, trained on images resized by "
-                             f"{record['image']['resize']}")
-        vision, text = model_file.configs(record, source=str(path))
-        with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:
-            vocab = args.vocab or model_file.write_vocab(record, tmp)
-            out = convert.export_hf(state, vision, text, args.output, vocab=vocab, resize=record["image"]["resize"])
-        return f"{report}\n{out}"
-    if not (args.vision and args.text):
-        raise ValueError(f"{path} records no configs (not a model file of train.py --export): pass --vision and --text")
-    shape = convert.text_shape(state)
-    vision = load_vision_config(args.vision)
-    text = load_text_config(args.text, vocab_size=shape["vocab_size"] if shape else None)
-    convert.check_architecture(state, convert.expected_state(vision, text), str(path))
-    out = convert.export_hf(state, vision, text, args.output, vocab=args.vocab, resize=args.resize or "squash")
-    return f"{report}\n{out}"
+    src = _open(args, vocab=args.vocab, resize=args.resize, need_configs=True)
+    with tempfile.TemporaryDirectory(prefix="clip-vocab-") as tmp:  # the folder is written atomically
+        out = convert.export_hf(src.state, src.vision, src.text, args.output, vocab=src.write_vocab(tmp),
+                                resize=src.image["resize"] or "squash")
+    return f"{src.report}\n{out}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, func, help_text, input_help, output_help, configs=False, optional_configs=False):
+    def add(name, func, help_text, input_help, output_help, configs=None):
+        """configs: None (a tower: no config flags), "required", or "recorded" (the model names them)."""
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--input", required=not optional_configs, help=input_help)
+        p.add_argument("--input", required=configs != "recorded", help=input_help)
         p.add_argument("--output", required=True, help=output_help)
         if configs:
-            hint = " (default: the model file's record)" if optional_configs else ""
-            p.add_argument("--vision", required=not optional_configs,
+            hint = " (default: what the model file or folder records)" if configs == "recorded" else ""
+            p.add_argument("--vision", required=configs == "required",
                            help=f"vision config name or JSON (e.g. ViT-B-16){hint}")
-            p.add_argument("--text", required=not optional_configs,
+            p.add_argument("--text", required=configs == "required",
                            help=f"text config name or JSON (e.g. RoBERTa-wwm-ext-base-chinese){hint}")
+        if configs == "recorded":
+            p.add_argument("--run", help="a run dir of launch/train.py --export: its model_fp32.pt is the input")
         p.set_defaults(func=func)
         return p
 
@@ -162,17 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
             "our text-tower .pt (bert.*)")
     p.add_argument("--text-model", help="also check the folder's config matches this text config")
     add("from-chinese-clip", _from_chinese_clip, "Chinese-CLIP checkpoint -> ours (whole model).",
-        "Chinese-CLIP .pt ({'state_dict': {'module.*': ...}})", "our .pt", configs=True)
-    p = add("to-chinese-clip", _to_chinese_clip, "ours -> Chinese-CLIP checkpoint (module. prefix, 0-dim logit_scale).",
-            "our .pt (or any source load_pretrained_clip reads)", "Chinese-CLIP .pt", configs=True)
+        "Chinese-CLIP .pt ({'state_dict': {'module.*': ...}})", "our .pt", configs="required")
+    p = add("to-chinese-clip", _to_chinese_clip, "ours -> Chinese-CLIP checkpoint (module. prefix, 0-dim "
+            "logit_scale), with OUTPUT.vision.json / .text.json beside it where no named config matches.",
+            "our model_fp32.pt (or any whole-model source: a ChineseCLIPModel folder, a state dict)",
+            "Chinese-CLIP .pt", configs="recorded")
     p.add_argument("--name", default="converted", help="the checkpoint's 'name' field")
-    add("from-hf", _from_hf, "transformers ChineseCLIPModel folder -> ours (configs read from config.json; "
-        "written beside the output when no named config matches).", "ChineseCLIPModel folder", "our .pt")
+    p = add("from-hf", _from_hf, "transformers ChineseCLIPModel folder -> ours (configs read from config.json; "
+            "written beside the output when no named config matches).", "ChineseCLIPModel folder", "our .pt")
     p = add("to-hf", _to_hf, "ours -> transformers ChineseCLIPModel folder (from_pretrained loads it), with "
             "tokenizer and image processor. Our model_fp32.pt needs only --input/--output (or --run).",
-            "our model_fp32.pt (or any source load_pretrained_clip reads)", "new or empty folder",
-            configs=True, optional_configs=True)
-    p.add_argument("--run", help="a run dir of launch/train.py --export: its model_fp32.pt is the input")
+            "our model_fp32.pt (or any whole-model source: a Chinese-CLIP .pt, a state dict)",
+            "new or empty folder", configs="recorded")
     p.add_argument("--vocab", help="vocab.txt: the tokenizer files to write (default: the model file's)")
     p.add_argument("--resize", choices=["squash", "center-crop"], default=None,
                    help="how the image processor resizes (default: the model file's record, else squash)")
@@ -181,9 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    global convert, load_text_config, load_vision_config
+    global convert, source, torch, load_text_config, config_to_json_dict
+    import torch
+
+    from engine.inference import source
     from models import weights as convert
-    from models.config import load_text_config, load_vision_config
+    from models.config import load_text_config
+    from models.text import config_to_json_dict
 
     try:
         print(args.func(args))

@@ -27,9 +27,14 @@ MODEL="--model ViT-demo-64 --text-model BERT-demo"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
-export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
-# `deepspeed --num_gpus N` on a machine without GPUs starts N CPU ranks on gloo.
-LAUNCH="deepspeed --num_gpus $NPROC --master_port ${DEMO_MASTER_PORT:-29517}"
+# `deepspeed --num_gpus N` on a machine without GPUs starts N CPU ranks on gloo. Naming the CPU
+# accelerator there spares DeepSpeed's warning that it found none; and its launcher's own lines on
+# one machine ("Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES=0,1", the commands it runs)
+# read like trouble but are routine here: it prints errors only (a failed rank still shows).
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+LAUNCH="deepspeed --log_level error --num_gpus $NPROC --master_port ${DEMO_MASTER_PORT:-29517}"
 
 start=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
@@ -78,10 +83,10 @@ python launch/evaluate.py --mode both --pred "$OUT/valid_predictions.jsonl" \
 
 step "7/8 zero-shot classification of the valid images by colour and by shape"
 for task in colour shape; do
-    python launch/zeroshot.py $MODEL --weights "$OUT/train/model_fp32.pt" --vocab "$DATA/vocab.txt" \
+    python launch/zeroshot.py --run "$OUT/train" \
         --classes "$DATA/classes_$task.txt" --labels "$DATA/valid_labels_$task.jsonl" \
         --templates "$DATA/zeroshot_templates.txt" --image-feats "$OUT/features/image_feats" \
-        --context-length 16 --output "$OUT/zeroshot_$task.json"
+        --output "$OUT/zeroshot_$task.json"
 done
 
 step "8/8 gallery"

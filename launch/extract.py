@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,10 +44,8 @@ def check_store(store, loaded, where) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p, vocab_help="tokenizer folder or vocab.txt (default: the one the model file carries; "
-                    "needed with --queries for other weights)")
-    p.add_argument("--weights", default=None,
-                   help="whole model: our model_fp32.pt, a Chinese-CLIP .pt or an HF ChineseCLIP folder")
-    p.add_argument("--run", default=None, help="a run dir of launch/train.py --export: its model_fp32.pt")
+                    "needed with --queries for other weights)",
+                    weights_help="whole model: our model_fp32.pt, a Chinese-CLIP .pt or an HF ChineseCLIP folder")
     p.add_argument("--image-lmdb", default=None, help="image store (launch/build_lmdb.py) to encode")
     p.add_argument("--queries", default=None, help="MUGE queries jsonl to encode")
     p.add_argument("--output", required=True, help="folder for image_feats/ and text_feats/")
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
                                 feature_dtype=np.dtype(a.feature_dtype), jsonl=a.jsonl,
                                 progress=not a.no_progress,
                                 models={"image_model": a.model, "text_model": a.text_model,
-                                        "weights": str(Path(a.weights).resolve()) if a.weights else None})
+                                        "weights": str(loaded.weights.resolve()) if loaded.weights else None})
         if dist.is_main():
             print(f"extracted on {dist.world_size()} rank(s) in {time.perf_counter() - t0:.1f}s: "
                   + ", ".join(f"{k} -> {v}" for k, v in written.items()))

@@ -6,6 +6,9 @@ correct images that were not retrieved, with R@1/5/10 and mean recall on top.
       --queries runs/demo/data/valid_queries.jsonl --images runs/demo/lmdb/valid \
       --output runs/demo/gallery.html [--run runs/demo/train] [--failures-only] [--num-queries 24] [--seed 0]
 
+--run names the run the predictions come from as the other tools do (its model_fp32.pt must be there);
+the title shows its name and what its model is.
+
 A test split's queries (no item_ids) give a page of unmarked results.
 """
 import argparse
@@ -18,9 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.files import InputError, atomic_write, read_jsonl, report_input_error  # noqa: E402
 from data.images.store import ImageStore  # noqa: E402
 from data.queries import read_queries  # noqa: E402
+from engine.inference.naming import model_path  # noqa: E402
+from engine.inference.source import describe, summary  # noqa: E402
 from engine.tools.gallery import choose_queries, failed_queries, render_gallery  # noqa: E402
 from engine.scoring.recall import muge_scores  # noqa: E402
 from engine.scoring.predictions import parse_predictions  # noqa: E402
+
+
+def _run_title(run) -> str:
+    """' · run NAME (the model)' for the page's title; the run is named as every tool names it."""
+    if not run:
+        return ""
+    desc = describe(model_path(run=run))  # None: an older model_fp32.pt without a record
+    return f" · run {Path(run).name}" + (f" ({summary(desc)})" if desc else "")
 
 
 def main(argv=None) -> int:
@@ -30,8 +43,8 @@ def main(argv=None) -> int:
                    "results are marked, without (a test split) they are shown unmarked")
     p.add_argument("--images", required=True, help="the image store (launch/build_lmdb.py output)")
     p.add_argument("--output", required=True, help="the HTML file to write")
-    p.add_argument("--run", default=None, help="the run the predictions come from (its dir or name), shown in "
-                   "the title")
+    p.add_argument("--run", default=None, help="the run the predictions come from (a run dir of launch/train.py "
+                   "--export, as every tool names a model): its name and model go into the title")
     p.add_argument("--failures-only", action="store_true",
                    help="show only queries with no correct image in their top-k")
     p.add_argument("--num-queries", type=int, default=24)
@@ -54,7 +67,7 @@ def main(argv=None) -> int:
         if missing:
             raise InputError(f"{args.images}: predicted image ids not in the store: {missing[:10]}")
         metrics = muge_scores(predictions, references) if references else None
-        run = f" · run {Path(args.run).name}" if args.run else ""
+        run = _run_title(args.run)
         note = f" of {len(pool)}{' failing' if args.failures_only else ''} (the split has {len(expected)} queries)"
         page = render_gallery(predictions, references, {q.query_id: q.text for q in queries},
                               lambda i: store.get(i) if i in store else None, metrics, shown,

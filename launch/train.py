@@ -15,6 +15,8 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.files import InputError, report_input_error  # noqa: E402
+from engine import dist  # noqa: E402
+from engine.train import ops  # noqa: E402
 from engine.train.step import NonFiniteLoss  # noqa: E402
 from engine.train.config import build_config  # noqa: E402
 from engine.train.flags import parse_args  # noqa: E402
@@ -23,6 +25,7 @@ EXIT_FAILED, EXIT_NONFINITE = 1, 3  # and data.files.EXIT_BAD_INPUT (2) for a us
 
 
 def main(argv=None) -> int:
+    ops.prepare_process()  # before DeepSpeed is imported (the parser imports it)
     args = parse_args(argv)
     try:
         cfg = build_config(args)  # every flag and the DeepSpeed JSON checked before any work
@@ -40,8 +43,6 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except Exception as e:  # noqa: BLE001 - end through exit_process: fast, non-zero, no teardown hang
-        from engine import dist
-
         line = dist.comm_failure_line(e, cfg.dist_timeout)
         if line is None:
             traceback.print_exc()
@@ -53,11 +54,10 @@ def main(argv=None) -> int:
         return EXIT_FAILED
     finally:
         trainer.close()
-    print(f"train.py: done at step {summary['step']} (loss {summary.get('loss', float('nan')):.4f})")
+    if dist.is_main():  # one line for the run, not one per rank
+        print(f"train.py: done at step {summary['step']} (loss {summary.get('loss', float('nan')):.4f})")
     return 0
 
 
 if __name__ == "__main__":
-    from engine import dist
-
     dist.exit_process(main())  # waits for the other ranks on success; never blocks on a dead one

@@ -1,9 +1,13 @@
 """Zero-shot classification: top-1/top-5 accuracy of a CLIP on labelled images, from class names.
 
-  python launch/zeroshot.py --model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese \
-      --weights RUN/model_fp32.pt --vocab VOCAB --classes classes.txt --labels labels.jsonl \
+  python launch/zeroshot.py --run RUN --classes classes.txt --labels labels.jsonl \
       --image-lmdb LMDB [--templates templates.txt] --output zeroshot.json
   (or --image-feats FEATS: image features launch/extract.py wrote, instead of --image-lmdb)
+
+The model: --run RUN (a run of train.py --export) or --weights RUN/model_fp32.pt, whose record brings
+the configs, vocabulary and context length. Other weights (a Chinese-CLIP .pt, a plain state dict) need
+--model, --text-model and --vocab (and --context-length, default 52); an HF ChineseCLIP folder reads
+its config.json and vocab.txt. Flags given with a model file must agree with its record.
 
 classes.txt: one class name per line. labels.jsonl: {"image_id": int, "label": "<class name>"} per
 image; only labelled images are classified. Templates: built-in Chinese prompts ("一张{}的图片。",
@@ -26,8 +30,7 @@ from engine.inference.model import add_model_flags  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--weights", required=True, help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder")
+    add_model_flags(p, weights_help="our model_fp32.pt, a Chinese-CLIP .pt or an HF folder (or --run)")
     p.add_argument("--classes", required=True, help="class names, one per line")
     p.add_argument("--labels", required=True, help='jsonl {"image_id": int, "label": class name}')
     src = p.add_mutually_exclusive_group(required=True)
@@ -86,9 +89,9 @@ def main(argv=None) -> int:
         classes = zs.read_class_names(a.classes)
         templates = zs.read_templates(a.templates) if a.templates else zs.DEFAULT_TEMPLATES
         labels = zs.read_labels(a.labels, classes)
-        loaded = load_model(a.weights, None, a.model, a.text_model, a.vocab, a.context_length)
+        loaded = load_model(a.weights, a.run, a.model, a.text_model, a.vocab, a.context_length, need_weights=True)
         if loaded.tokenizer is None:
-            raise InputError(f"--weights {a.weights} carries no vocabulary: give the one it was trained with, --vocab")
+            raise InputError(f"{loaded.weights} carries no vocabulary: give the one it was trained with, --vocab")
         model, tokenizer = loaded.model.to(device), loaded.tokenizer
         weights = zs.class_weights(model, tokenizer, classes, templates, loaded.context_length, device)
         image_ids = list(labels)

@@ -113,6 +113,38 @@ def _resolve_vocab(args: argparse.Namespace) -> str:
                      "the synthetic data set ships one)")
 
 
+def _model_from_init(args: argparse.Namespace) -> argparse.Namespace:
+    """--init-from names a model as every tool does (our model_fp32.pt or its run dir, an HF folder, a
+    Chinese-CLIP .pt): what it records fills --model, --text-model, --vocab and --context-length, and
+    any of them given must agree with it. Returns a copy of the flags with them filled in (the tools'
+    defaults where nothing says otherwise)."""
+    from engine.inference.naming import DEFAULT_CONTEXT, DEFAULT_TEXT, DEFAULT_VISION, TRAIN_FLAGS, model_path
+    from engine.inference.source import check_agreement, config_names, describe
+
+    filled = {"model": args.model, "text_model": args.text_model, "vocab": args.vocab,
+              "context_length": args.context_length}
+    path = model_path(args.init_from, None, TRAIN_FLAGS)
+    desc = describe(path)
+    if desc is not None:
+        check_agreement(desc, path, TRAIN_FLAGS, args.model, args.text_model, args.vocab, args.context_length)
+        vision, text = config_names(desc.vision, desc.text)
+        for flag, key, name in (("--model", "model", vision), ("--text-model", "text_model", text)):
+            if filled[key] is None and name is None:
+                raise InputError(f"--init-from {args.init_from}: its {desc.what} describes a model that no config "
+                                 f"in models/configs is; pass {flag} with a JSON of it")
+            filled[key] = filled[key] or name
+        if filled["vocab"] is None and desc.vocab_path is None and desc.vocab_text is not None:
+            raise InputError(f"--init-from {args.init_from} carries its vocabulary, but the file it was read from "
+                             f"is gone or changed: pass --vocab with that vocab.txt")
+        filled["vocab"] = filled["vocab"] or (str(desc.vocab_path) if desc.vocab_path else None)
+        filled["context_length"] = filled["context_length"] or desc.context_length
+        filled["init_from"] = str(path)
+    filled["model"] = filled["model"] or DEFAULT_VISION
+    filled["text_model"] = filled["text_model"] or DEFAULT_TEXT
+    filled["context_length"] = filled["context_length"] or DEFAULT_CONTEXT
+    return argparse.Namespace(**{**vars(args), **filled})
+
+
 def _default_name() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
@@ -191,6 +223,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
     if args.deepspeed_config is None and getattr(args, "deepscale_config", None):
         args.deepspeed_config = args.deepscale_config
     ds = load_ds_settings(args.deepspeed_config, ws, gpu)
+    args = _model_from_init(args)
     _check_paths(args)
     vocab = _resolve_vocab(args)
     check_data_flags(args.train_data, args.train_img, args.val_data, vocab, args.context_length)

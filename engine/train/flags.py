@@ -19,8 +19,10 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--val-data", default=None, help="validation queries jsonl (with --val-img)")
     d.add_argument("--val-img", default=None, help="validation image LMDB directory")
     d.add_argument("--vocab", default=None,
-                   help="tokenizer folder or vocab.txt (default: the --bert-weight-path folder's vocab.txt)")
-    d.add_argument("--context-length", type=int, default=52, help="text tokens incl. [CLS]/[SEP]")
+                   help="tokenizer folder or vocab.txt (default: --init-from's, else the --bert-weight-path "
+                        "folder's vocab.txt)")
+    d.add_argument("--context-length", type=int, default=None,
+                   help="text tokens incl. [CLS]/[SEP] (default: --init-from's record, else 52)")
     d.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers per rank; 0 reads the LMDB in process, which measured fastest")
     d.add_argument("--shard-local", action="store_true",
@@ -30,12 +32,15 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="ViT-B-16", help="vision config name (models/configs) or JSON path")
-    m.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese", help="text config name or JSON path")
+    m.add_argument("--model", default=None, help="vision config name (models/configs) or JSON path "
+                   "(default: --init-from's record or config.json, else ViT-B-16)")
+    m.add_argument("--text-model", default=None, help="text config name or JSON path (default: --init-from's "
+                   "record or config.json, else RoBERTa-wwm-ext-base-chinese)")
     m.add_argument("--clip-weight-path", default=None, help="converted image tower .pt (models.weights)")
     m.add_argument("--bert-weight-path", default=None, help="converted text tower .pt or a RoBERTa folder")
     m.add_argument("--init-from", default=None,
-                   help="whole-model init: Chinese-CLIP .pt, HF ChineseCLIP folder, or our model_fp32.pt")
+                   help="whole-model init: our model_fp32.pt or its run dir (its record gives the model flags), "
+                        "an HF ChineseCLIP folder, or a Chinese-CLIP .pt")
     m.add_argument("--freeze-image-tower", action="store_true", help="train the text tower only")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 

@@ -12,6 +12,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from engine.train.ops import jit_build_notice
+
 log = logging.getLogger(__name__)
 
 # Chinese-CLIP's AdamW settings (beta2 0.98, eps 1e-6 suit large-batch contrastive training).
@@ -60,11 +62,13 @@ def build_optimizer(groups: List[Dict], lr: float, on_gpu: bool, offload: bool) 
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        jit_build_notice("CPUAdamBuilder", "DeepSpeed's CPU Adam op")
         return DeepSpeedCPUAdam(plain, lr=lr, betas=BETAS, eps=EPS, adamw_mode=True), "DeepSpeedCPUAdam"
     if on_gpu:
         apex_adam = _apex_fused_adam()
         if apex_adam is not None:
             return apex_adam(plain, lr=lr, betas=BETAS, eps=EPS, adam_w_mode=True), "apex FusedAdam"
+        jit_build_notice("FusedAdamBuilder", "DeepSpeed's fused Adam op")
         try:
             from deepspeed.ops.adam import FusedAdam
 

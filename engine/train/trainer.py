@@ -22,6 +22,7 @@ from tqdm import tqdm
 from data.files import InputError
 from data.tokenizer import load_tokenizer
 from engine import dist
+from engine.inference.source import load_weights_into
 from engine.loader.batches import build_sampler, device_batches
 from engine.loader.sources import open_training_data, open_validation_data
 from engine.run import checkpoint, resume, rundir
@@ -29,13 +30,14 @@ from engine.run.export import export_run, warn_preprocessing
 from engine.run.log import ScalarWriter, setup_logging
 from engine.train.config import TrainConfig, write_config
 from engine.train.faults import inject_test_fault
+from engine.train import ops
 from engine.train.optim import build_optimizer, param_groups, scheduler_factory
 from engine.train.speed import Throughput
 from engine.train.step import ContrastiveStep
 from engine.train.threads import apply_threads
 from engine.train.validation import describe, evaluate_both_directions
 from models import ClipLoss, build_clip, load_text_config, load_vision_config
-from models.weights import VocabMismatchError, load_image_tower, load_pretrained_clip, load_text_tower
+from models.weights import VocabMismatchError, load_image_tower, load_text_tower
 
 log = logging.getLogger("clip")
 
@@ -85,7 +87,7 @@ class Trainer:
         n_cfg = load_text_config(cfg.text_model).vocab_size
         if n_tok == n_cfg:
             return None
-        log.info("text vocab: %d tokens from %s (config %s says %d)", n_tok, cfg.vocab, cfg.text_model, n_cfg)
+        log.info("text embeddings sized to the tokenizer: %d tokens (%s)", n_tok, cfg.vocab)
         self._vocab_note = (f"--vocab {cfg.vocab} has {n_tok} tokens but --text-model {cfg.text_model} has "
                             f"vocab_size {n_cfg}: pretrained text weights need the tokenizer that came with them")
         return n_tok
@@ -93,8 +95,8 @@ class Trainer:
     def _load_weights(self, model) -> None:
         cfg = self.cfg
         try:
-            if cfg.init_from:
-                log.info("init: %s", load_pretrained_clip(model, cfg.init_from))
+            if cfg.init_from:  # named as every tool names a model (engine/inference/source.py)
+                log.info("init: %s", load_weights_into(model, cfg.init_from))
                 warn_preprocessing(cfg.init_from, self.store)
             if cfg.clip_weight_path:
                 log.info("image tower: %s", load_image_tower(model, cfg.clip_weight_path))
@@ -177,6 +179,7 @@ class Trainer:
     def _join(self) -> TrainConfig:
         """Join the process group, agree on the run's name and claim its run dir (nothing written yet)."""
         cfg = self.cfg
+        ops.comm_op_notice()  # joining loads DeepSpeed's CPU comm op: a build is said before it starts
         dist.init_distributed(use_deepspeed=True, timeout_s=cfg.dist_timeout, always=True)
         if dist.world_size() != cfg.world_size:
             raise RuntimeError(f"validated for world size {cfg.world_size}, joined {dist.world_size()}")

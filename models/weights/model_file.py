@@ -12,14 +12,14 @@ dicts, strings, numbers and tensors, so torch.load(weights_only=True) reads it:
                  "image": {"resolution", "mean", "std", "resize"}}}
 
 A plain state dict (an older model_fp32.pt, or a converted file) still loads everywhere; the tools
-then need --model/--text-model/--vocab as before. shapes.describe_state reads an architecture from
+then need --model/--text-model/--vocab as before. How the tools name a model file, and check flags
+against its record: engine/inference/naming.py and source.py. shapes.describe_state reads an architecture from
 the weights' shapes, so a mismatch is reported as one line naming what the weights are.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -27,8 +27,8 @@ import torch
 from data.files import InputError, atomic_path
 from data.tokenizer import vocab_file
 
-from ..config import load_text_config, load_vision_config
-from ..text import ARCH_FIELDS, config_to_json_dict, make_bert_config
+from ..config import load_vision_config
+from ..text import config_to_json_dict, make_bert_config
 from ..vit import VisionConfig
 from .core import load_weights_file
 
@@ -81,56 +81,7 @@ def read_model_file(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Optional[R
     return unwrap(load_weights_file(path), path)
 
 
-def read_record(path: PathLike) -> Optional[Record]:
-    """The record of a model file; None for a plain state dict, a folder or another format."""
-    if Path(path).is_dir():
-        return None
-    return read_model_file(path)[1]
-
-
-def resolve_weights(weights: Optional[str], run: Optional[str]) -> Optional[Path]:
-    """--weights FILE or --run RUN_DIR (its model_fp32.pt); both given is an error."""
-    if weights and run:
-        raise InputError("give --weights or --run, not both")
-    if run:
-        path = Path(run) / "model_fp32.pt"
-        if not path.is_file():
-            raise InputError(f"--run {run}: no model_fp32.pt there (train with --export to write it)")
-        return path
-    return Path(weights) if weights else None
-
-
 def configs(record: Record, source: str = "model record"):
     """(VisionConfig, BertConfig) of a record."""
     return (load_vision_config(VisionConfig(**record["vision"])),
             make_bert_config(record["text"], source=source, strict=False))
-
-
-def write_vocab(record: Record, folder: PathLike) -> Path:
-    """Write the record's vocab to <folder>/vocab.txt (for a tokenizer) and return the path."""
-    path = Path(folder) / "vocab.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(record["vocab"]["text"].encode("utf-8"))
-    return path
-
-
-def check_flags(record: Record, path: PathLike, model: Optional[str] = None, text_model: Optional[str] = None,
-                vocab: Optional[str] = None, context_length: Optional[int] = None) -> None:
-    """Flags given explicitly must agree with the file's record; a conflict names both."""
-    vision, text = configs(record)
-    if model and load_vision_config(model) != vision:
-        raise InputError(f"--model {model} ({load_vision_config(model).to_dict()}) conflicts with {path}, whose "
-                         f"record says {vision.to_dict()}; drop --model to use the file's")
-    if text_model:
-        want = load_text_config(text_model, vocab_size=text.vocab_size)
-        diff = [k for k in ARCH_FIELDS if k != "vocab_size" and getattr(want, k) != getattr(text, k)]
-        if diff:
-            raise InputError(f"--text-model {text_model} conflicts with {path}: " + ", ".join(
-                f"{k} {getattr(want, k)} vs {getattr(text, k)} recorded" for k in diff) + "; drop --text-model")
-    if vocab and vocab_sha256(vocab) != record["vocab"]["sha256"]:
-        raise InputError(f"--vocab {vocab} is not the vocabulary {path} was trained with "
-                         f"({record['vocab']['path']}, sha256 {record['vocab']['sha256'][:12]}...); drop --vocab "
-                         f"to use the one the file carries")
-    if context_length is not None and context_length != record.get("context_length", context_length):
-        raise InputError(f"--context-length {context_length} conflicts with {path}, trained with "
-                         f"{record['context_length']}; drop --context-length to use the file's")

@@ -110,6 +110,48 @@ def test_the_check_catches_a_wrong_flag_and_a_missing_script(tmp_path):
     assert found[0].startswith(f"{doc}:3: ")  # the line the command starts on
 
 
+def test_zero_shot_and_onnx_commands_run_as_written(tmp_path):
+    """docs/zero-shot-and-onnx.md's zeroshot.py and export_onnx.py commands run as written on a run of
+    ours (a model file with its record, context 24), in a scratch folder where their placeholder
+    paths exist: what the docs show is what the tools take (no flag shown as needed that the record
+    supplies, none that conflicts with it)."""
+    import json
+    import shutil
+
+    import torch
+
+    from models import build_clip
+    from models.weights.model_file import make_record, save_model_file
+    from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+    from tests.ranks import base_env
+
+    cmds = [c for _, c in bash_commands((REPO / "docs" / "zero-shot-and-onnx.md").read_text("utf-8"))
+            if re.search(r"launch/(zeroshot|export_onnx)\.py", c)]
+    assert len(cmds) == 2, cmds
+    d = build_tiny_split(tmp_path / "src", n_images=6, n_queries=2)
+    shutil.copytree(d["lmdb"], tmp_path / "DATA" / "lmdb" / "valid")
+    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
+    image = {"resolution": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"}
+    save_model_file(torch.load(d["weights"], weights_only=True),
+                    make_record(model.vision_config, model.text_config, d["vocab"], 24, image),
+                    tmp_path / "logs" / "run1" / "model_fp32.pt")
+    (tmp_path / "classes.txt").write_text("红色\n蓝色\n", encoding="utf-8")
+    from data.images.store import ImageStore
+
+    with open(tmp_path / "labels.jsonl", "w", encoding="utf-8") as f:
+        for n, i in enumerate(ImageStore(d["lmdb"]).ids()):
+            f.write(json.dumps({"image_id": i, "label": ["红色", "蓝色"][n % 2]}, ensure_ascii=False) + "\n")
+    for cmd in cmds:
+        words = shlex.split(cmd)
+        if "export_onnx.py" in cmd:
+            pytest.importorskip("onnx", reason="optional: pip install -r tests/requirements-optional.txt")
+            words.append("--no-check")  # onnxruntime's comparison is test_onnx_export.py's
+        words = [sys.executable if w in LAUNCHERS else str(REPO / w) if w.startswith("launch/") else w for w in words]
+        p = subprocess.run(words, cwd=tmp_path, env=base_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+    assert json.loads((tmp_path / "zeroshot.json").read_text(encoding="utf-8"))["images"] == 6
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_doc_links_resolve(doc):
     """Relative links between the docs point at files that exist (and at headings that exist)."""
