@@ -161,7 +161,7 @@ def _sample(url: str, key: str, members: dict, caption_from: str) -> Sample:
 def iter_samples(url: str, caption_from: Optional[str] = "txt") -> Iterator[Sample]:
     """The samples of one shard in order (caption_from None: images only). A truncated or corrupt
     tar ends the shard with a Sample whose reason is "truncated tar" (naming the last key read); the sample it cut is not yielded."""
-    key, members = None, {}
+    key, members, exts = None, {}, set()
     want = set(IMAGE_EXTS) | ({"txt"} if caption_from == "txt" else {"json"} if caption_from else set())
     try:
         with open_shard(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -173,10 +173,11 @@ def iter_samples(url: str, caption_from: Optional[str] = "txt") -> Iterator[Samp
                 if m is None or os.path.basename(info.name).startswith("__"):
                     continue  # no extension, or webdataset's __meta__-style members
                 k, ext = m.group(1), m.group(2).lower()
-                if k != key:
+                if k != key or ext in exts:  # a member seen again: the key repeats, a new sample begins
                     if key is not None:
                         yield _sample(url, key, members, caption_from)
-                    key, members = k, {}
+                    key, members, exts = k, {}, set()
+                exts.add(ext)
                 if ext in want:
                     members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
