@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on bundled synthetic MUGE-format data, on this machine's CPU (`make demo`):
-# data -> built training set + valid LMDB -> DeepSpeed training on 2 ranks -> extraction on 2 ranks -> top-k both ways -> MUGE
-# evaluator -> zero-shot -> HTML gallery. Everything goes under runs/demo/ (override with DEMO_DIR).
+# data -> built training set + valid LMDB -> DeepSpeed training on 2 ranks -> extraction on 2 ranks ->
+# top-k both ways -> MUGE evaluator -> zero-shot -> HTML gallery. Everything goes under runs/demo/ (override with DEMO_DIR).
 # The data holds some colour x shape x position cells and caption phrasings out of training: the
 # target (DEMO_MIN_MEAN_RECALL) is on the seen queries; the held-out scores show generalisation.
 # Sizes and steps can be shrunk through the environment (the end-to-end test does):

@@ -113,6 +113,27 @@ def _write_images(opts: BuildOptions, writer: ImageStoreWriter, inputs: List[str
             handle(decoded)
 
 
+_TOKENS: Dict[str, np.ndarray] = {}  # text -> token row, kept across the shards one process builds
+_TOKENS_KEY: Tuple = ()
+TOKEN_CACHE_TEXTS = 1_000_000  # bound on the cache (~200 MB); past it, it starts afresh
+
+
+def _token_rows(texts: List[str], opts: BuildOptions) -> np.ndarray:
+    """Token rows of `texts`, tokenizing only those this process has not tokenized for an earlier
+    shard (captions repeat across shards; a queries-file build tokenizes each distinct text once)."""
+    global _TOKENS_KEY
+    key = (str(opts.vocab), opts.context_length)
+    if key != _TOKENS_KEY or len(_TOKENS) > TOKEN_CACHE_TEXTS:
+        _TOKENS.clear()
+        _TOKENS_KEY = key
+    new = [t for t in dict.fromkeys(texts) if t not in _TOKENS]
+    if new:
+        _TOKENS.update(zip(new, tokenize_texts(new, opts.vocab, opts.context_length, opts.workers, False)))
+    if not texts:
+        return np.zeros((0, opts.context_length), dtype=np.int32)
+    return np.stack([_TOKENS[t] for t in texts])
+
+
 def build_shard_from_tars(opts: BuildOptions, urls: List[str], index: int, num_shards: int) -> ShardResult:
     """Build (or resume, or find already built) output shard `index` from its input shards."""
     sdir = shard_dir(opts.output, index)
@@ -140,7 +161,7 @@ def build_shard_from_tars(opts: BuildOptions, urls: List[str], index: int, num_s
     keep = np.isin(pair_image, present)
     utext, pair_text = np.unique(np.frombuffer(pairs.text, dtype=np.int64)[keep], return_inverse=True)
     texts = list(pairs.text_index)
-    tokens = tokenize_texts([texts[t] for t in utext], opts.vocab, opts.context_length, opts.workers, False)
+    tokens = _token_rows([texts[t] for t in utext], opts)
     wide = vocab_fingerprint(opts.vocab)["vocab_size"] > 65536
     _save_arrays(sdir, {"image_ids": present,
                         "pair_image": np.searchsorted(present, pair_image[keep]).astype(np.int32),
