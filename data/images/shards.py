@@ -20,6 +20,7 @@ are), else a stable 63-bit hash of the key (`key_image_id`), which the data set'
 """
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -86,9 +87,9 @@ def expand_shards(spec: str) -> List[str]:
                 out.append(name)
     if not out:
         raise InputError(f"{spec}: names no shard")
-    dupes = {u for u in out if out.count(u) > 1} if len(out) < 100_000 else set()
+    dupes = [u for u, n in collections.Counter(out).items() if n > 1]
     if dupes:
-        raise InputError(f"{spec}: names shard {sorted(dupes)[0]} more than once")
+        raise InputError(f"{spec}: names shard {dupes[0]} more than once")
     return out
 
 
