@@ -2,6 +2,7 @@
 MUGE tsv + jsonl, at 1M and 10M pairs. A script that prints a table, not a test:
 
   python tests/benchmarks/bench_shards.py [--sizes 1M,10M] [--per-job 100000] [--dir /tmp/x]
+  python tests/benchmarks/bench_shards.py --sizes 20K,40K --per-job 10000 --per-tar 1000   # a smoke run
 
 Data: 8 px JPEGs (tiny on purpose: it is the reading, not the decoding, that differs between the
 paths; decoding is the same code in both), 10 captions per image (a .json list in the shards, ten
@@ -38,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-CAPTIONS, PER_TAR, RES = 10, 10_000, 8
+CAPTIONS, RES = 10, 8
+PER_TAR = 10_000  # img2dataset's default samples per tar; --per-tar changes it (the smoke test's small run)
 
 
 def parse_size(text):
@@ -182,12 +184,15 @@ def reader_rates(tar, repeats=3):
 
 
 def main():
+    global PER_TAR
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1M,10M", help="pairs, e.g. 1M,10M")
     p.add_argument("--per-job", type=int, default=100_000, help="pairs each distributed job builds")
+    p.add_argument("--per-tar", type=int, default=10_000, help="samples per input tar")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true")
     a = p.parse_args()
+    PER_TAR = a.per_tar
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     root = Path(a.dir or tempfile.mkdtemp(prefix="bench_shards_"))
     root.mkdir(parents=True, exist_ok=True)
@@ -211,7 +216,7 @@ def main():
             for name, args in (("shards", shard_args), ("tsv", muge_args)):  # side by side, same load
                 took = build(args + ["--num-shards", k, "--shard-index", 0], d / f"job_{name}", root)
                 pairs = shard_pairs(d / f"job_{name}")
-                row[f"job_{name}"] = (took, pairs / took)
+                row[f"job_{name}"], row[f"job_pairs_{name}"] = (took, pairs / took), pairs
                 row[f"start_{name}"] = startup(d / f"job_{name}", k, args, root)
             if n == sizes[0]:  # the same number of output shards for both: one per input tar
                 tars = (n // CAPTIONS + PER_TAR - 1) // PER_TAR
@@ -220,7 +225,7 @@ def main():
                     row[f"whole_{name}"] = (took, shard_pairs(d / f"whole_{name}") / took)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        rates = reader_rates(root / f"n{sizes[0]}" / "tars" / "00000.tar")
+        rates = reader_rates(root / f"n{sizes[0]}" / "tars" / "00000.tar")  # PER_TAR samples
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -237,7 +242,7 @@ def main():
     (ts, rs), (tt, rt) = r["whole_shards"], r["whole_tsv"]
     print(f"\nwhole build of {r['pairs']:,} pairs in one process (1 core): shards {ts:.1f}s ({rs:,.0f} pairs/s), "
           f"tsv {tt:.1f}s ({rt:,.0f} pairs/s): shards/tsv per core {rs / rt:.2f}")
-    print("reader, samples/s on one 10,000-sample tar: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
+    print(f"reader, samples/s on one {PER_TAR:,}-sample tar: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
 
 
 if __name__ == "__main__":
