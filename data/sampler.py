@@ -191,3 +191,74 @@ class ShardedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start
+
+
+# ---- weighted mixtures of data sets ----------------------------------------------------------
+
+_MIX, _SOURCE = 3, 4
+
+
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Samples each source gives an epoch of sum(sizes) samples: the weights' shares of it, rounded
+    by largest remainder (ties to the earlier source), so the counts sum exactly to the epoch."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(sizes) or (w <= 0).any() or not np.isfinite(w).all() or (sizes <= 0).any():
+        raise ValueError(f"need one positive weight per non-empty source, got sizes {sizes.tolist()}, "
+                         f"weights {w.tolist()}")
+    total = int(sizes.sum())
+    quota = total * w / w.sum()
+    counts = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[:total - int(counts.sum())]] += 1
+    return counts
+
+
+def mixture_indices(sizes: Sequence[int], weights: Sequence[float], seed: int, epoch: int,
+                    positions: np.ndarray) -> np.ndarray:
+    """Concatenated-data-set indices (source 0's, then source 1's, ...) at `positions` of an epoch.
+
+    The epoch's positions are dealt to the sources by a seeded bijection onto [0, N) cut into runs
+    of mixture_counts, so source k gets exactly counts[k] positions. Source k's draws form one stream
+    over the run: its epoch e takes stream numbers e*counts[k] .. (e+1)*counts[k]-1, and stream number
+    s is sample perm_{k, s // size_k}(s % size_k), a fresh seeded permutation of the source per pass.
+    A source with less weight than size is thus read without repeats across epochs; one with more
+    repeats only after every sample of it was drawn. Pure in (sizes, weights, seed, epoch, positions)."""
+    sizes_a = np.asarray(sizes, dtype=np.int64)
+    counts = mixture_counts(sizes_a, weights)
+    q = Bijection(int(counts.sum()), _MIX, seed, epoch)(np.asarray(positions, dtype=np.int64))
+    ends = np.cumsum(counts)
+    src = np.searchsorted(ends, q, side="right")
+    stream = int(epoch) * counts[src] + q - (ends[src] - counts[src])
+    cycle, within = np.divmod(stream, sizes_a[src])
+    out = np.empty_like(q)
+    offsets = np.concatenate([[0], np.cumsum(sizes_a)[:-1]])
+    for k, c in set(zip(src.tolist(), cycle.tolist())):
+        at = (src == k) & (cycle == c)
+        out[at] = offsets[k] + Bijection(int(sizes_a[k]), _SOURCE, seed, k, c)(within[at])
+    return out
+
+
+class MixtureSampler(ShardedSampler):
+    """ShardedSampler's global mode over a weighted mixture of data sets concatenated in order
+    (`sizes`): rank r's j-th sample of an epoch is position j * W + r of `mixture_indices`, so
+    resuming (also on another world size) continues exactly as in the global shuffle. An epoch is
+    sum(sizes) samples; `source_of(indices)` says which data set each index belongs to."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], rank: int, world_size: int, seed: int = 0):
+        super().__init__(int(sum(int(s) for s in sizes)), rank, world_size, seed=seed)
+        self.sizes = [int(s) for s in sizes]
+        self.weights = [float(w) for w in weights]
+        self.counts = mixture_counts(self.sizes, self.weights)  # checks the weights
+        self.mode = "mixture"
+        self._ends = np.cumsum(self.sizes)
+
+    def indices(self, begin: int, end: int, epoch: Optional[int] = None) -> np.ndarray:
+        epoch = self.epoch if epoch is None else int(epoch)
+        if not 0 <= begin <= end <= self.samples_per_rank:
+            raise ValueError(f"[{begin}, {end}) is outside this rank's epoch of {self.samples_per_rank} samples")
+        positions = np.arange(begin, end, dtype=np.int64) * self.world_size + self.rank
+        return mixture_indices(self.sizes, self.weights, self.seed, epoch, positions)
+
+    def source_of(self, indices: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._ends, np.asarray(indices, dtype=np.int64), side="right")

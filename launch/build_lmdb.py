@@ -11,13 +11,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.images.build_store import build_store  # noqa: E402
+from data.images.sources import source_note  # noqa: E402
 from data.files import InputError, report_input_error  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="*_imgs.tsv, a folder of <id>.<ext> images, or a "
-                   "Chinese-CLIP LMDB (its imgs/ folder or the parent)")
+    p.add_argument("--input", required=True, help="*_imgs.tsv, a folder of <id>.<ext> images, a "
+                   "Chinese-CLIP LMDB (its imgs/ folder or the parent), or webdataset/img2dataset tar shards "
+                   "('shards/{00000..00099}.tar', a glob, or URLs with fsspec); quote a pattern")
     p.add_argument("--output", required=True, help="folder of the LMDB to create or resume")
     p.add_argument("--resolution", type=int, required=True, help="side R of the stored R×R images")
     p.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
@@ -31,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    note = source_note(a.input)
+    if note:
+        print(f"build_lmdb.py: note: {note}", file=sys.stderr)
     try:
         r = build_store(a.input, a.output, a.resolution, on_error=a.on_error, workers=a.workers,
                         report_path=a.report, progress=not a.no_progress,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on bundled synthetic MUGE-format data, on this machine's CPU (`make demo`):
-# data -> LMDB -> DeepSpeed training on 2 ranks -> extraction on 2 ranks -> top-k both ways -> MUGE
-# evaluator -> zero-shot -> HTML gallery. Everything goes under runs/demo/ (override with DEMO_DIR).
+# data -> built training set + valid LMDB -> DeepSpeed training on 2 ranks -> extraction on 2 ranks ->
+# top-k both ways -> MUGE evaluator -> zero-shot -> HTML gallery. Everything goes under runs/demo/ (override with DEMO_DIR).
 # The data holds some colour x shape x position cells and caption phrasings out of training: the
 # target (DEMO_MIN_MEAN_RECALL) is on the seen queries; the held-out scores show generalisation.
 # Sizes and steps can be shrunk through the environment (the end-to-end test does):
@@ -44,15 +44,16 @@ step "1/8 synthetic MUGE-format data -> $DATA ($HOLDOUT_CELLS cells and 2 phrasi
 python launch/make_synthetic.py --out "$DATA" --train-images "$TRAIN_IMAGES" --valid-images "$VALID_IMAGES" \
     --test-images "${DEMO_TEST_IMAGES:-500}" --holdout-cells "$HOLDOUT_CELLS" --holdout-phrasings
 
-step "2/8 LMDB image stores (uint8 tensors, built once) -> $OUT/lmdb"
-for split in train valid; do
-    python launch/build_lmdb.py --input "$DATA/${split}_imgs.tsv" --output "$OUT/lmdb/$split" --resolution 64
-done
+step "2/8 the training set built as at scale (sharded, pre-tokenized) -> $OUT/built/train; valid store -> $OUT/lmdb/valid"
+rm -rf "$OUT/built/train"
+python launch/build_dataset.py --queries "$DATA/train_queries.jsonl" --images "$DATA/train_imgs.tsv" \
+    --output "$OUT/built/train" --vocab "$DATA/vocab.txt" --context-length 16 --resolution 64
+python launch/build_lmdb.py --input "$DATA/valid_imgs.tsv" --output "$OUT/lmdb/valid" --resolution 64
 
 step "3/8 training a tiny CLIP with DeepSpeed ($DS_CONFIG) on $NPROC CPU ranks"
 rm -rf "$OUT/train"
 $LAUNCH launch/train.py --deepspeed_config "$DS_CONFIG" $MODEL --vocab "$DATA/vocab.txt" \
-    --train-data "$DATA/train_queries.jsonl" --train-img "$OUT/lmdb/train" \
+    --train-data "$OUT/built/train" \
     --val-data "$DATA/valid_queries.jsonl" --val-img "$OUT/lmdb/valid" \
     --epochs "$EPOCHS" --lr "$LR" --wd 0.1 --warmup "$WARMUP" --context-length 16 --num-workers 0 \
     --save-frequency 0 --logs "$OUT" --name train --export
@@ -120,7 +121,8 @@ cat <<MSG
 
 done in $(( $(date +%s) - start ))s. Everything is under $OUT/:
   data/                  synthetic MUGE-format tsv/jsonl + vocab.txt
-  lmdb/{train,valid}     image stores
+  built/train            the training set (launch/build_dataset.py: image shards + token arrays)
+  lmdb/valid             the valid image store
   train/                 run dir: config.json, train.log, checkpoints/, model_fp32.pt
   train/tensorboard/     TensorBoard logs:  tensorboard --logdir $OUT/train/tensorboard
   features/              image_feats/ and text_feats/ shards (.npz)

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
                     "needed with --queries for other weights)",
                     weights_help="whole model: our model_fp32.pt, a Chinese-CLIP .pt or an HF ChineseCLIP folder")
     p.add_argument("--image-lmdb", default=None, help="image store (launch/build_lmdb.py) to encode")
-    p.add_argument("--queries", default=None, help="MUGE queries jsonl to encode")
+    p.add_argument("--queries", default=None, help="queries jsonl to encode: MUGE's *_queries.jsonl or Chinese-CLIP's "
+                   "*_texts.jsonl (the text features record which, and retrieve.py answers in it)")
     p.add_argument("--output", required=True, help="folder for image_feats/ and text_feats/")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
@@ -91,6 +92,10 @@ def main(argv=None) -> int:
             from data.queries import read_queries
 
             queries = read_queries(a.queries)
+            if dist.is_main():
+                from data.queries import describe_schema
+
+                print(describe_schema(a.queries, queries.schema), file=sys.stderr)
         model = loaded.model.to(device=device, dtype=getattr(torch, PRECISIONS[a.precision]))
         written = extract_split(model, a.output, device, a.batch_size, store=store, queries=queries,
                                 tokenizer=loaded.tokenizer, context_length=loaded.context_length,

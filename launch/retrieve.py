@@ -4,9 +4,11 @@
       --top-k 10 --output pred.jsonl [--direction t2i|i2t]
   torchrun --nproc_per_node 2 launch/retrieve.py ...   (or deepspeed --num_gpus 2 ...)
 
---direction t2i (default) writes {"query_id": q, "item_ids": [k image ids]} per query;
---direction i2t writes {"image_id": i, "text_ids": [k query ids]} per image (Chinese-CLIP's
-image->text format), from the same engine with the texts as the database.
+--direction t2i (default) writes {"query_id": q, "item_ids": [k image ids]} per query, or
+{"text_id": t, "image_ids": [...]} when the texts came from a Chinese-CLIP *_texts.jsonl (the
+text features record the schema of their queries); --direction i2t writes {"image_id": i,
+"text_ids": [k text ids]} per image (Chinese-CLIP's image->text format), from the same engine with
+the texts as the database.
 
 Features: an .npz (ids, feats), a folder of .npz shards, or MUGE jsonl. Image features are
 streamed in blocks (--max-memory-mb bounds the working set); with several ranks each takes a
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
         _warn(check_kind(images.meta, "image", f"--image-feats {a.image_feats}"))
         texts = open_features(a.text_feats)
         _warn(check_kind(texts.meta, "text", f"--text-feats {a.text_feats}"))
+        if a.direction == "t2i" and (texts.meta or {}).get("queries_schema") == "chinese-clip":
+            q_key, db_key = "text_id", "image_ids"  # answer in the schema of the queries
         check_same_model(images.meta, texts.meta, f"--image-feats {a.image_feats}", f"--text-feats {a.text_feats}")
         queries, database = (texts, images) if a.direction == "t2i" else (images, texts)
         q_ids, q_feats = read_all(queries)

@@ -23,6 +23,7 @@ from data.built.layout import (DATASET_FORMAT, MANIFEST, SHARD_DONE, BuildOption
 from data.built.plan import Plan, num_shards_for, read_plan, tokenize_texts
 from data.files import InputError, atomic_path, atomic_write, read_json_object
 from data.images.jpeg import encode_jpeg
+from data.images.shards import KEY_HASH
 from data.images.sources import (BuildError, commit_decoded, decode_chunk, in_order, open_source,
                                  write_skip_report)
 from data.images.store import FORMAT, JPEG_FORMAT, ImageStore, ImageStoreWriter
@@ -235,6 +236,26 @@ def _check_shard(opts: BuildOptions, index: int, want: Dict) -> Tuple[Optional[D
     return (info, "") if ok else (None, f"shard {index}: arrays or image count disagree with {SHARD_DONE}")
 
 
+def _sources(opts: BuildOptions, want: Dict) -> Dict:
+    if opts.queries is None:
+        return {"shards": str(opts.images), "caption_from": opts.caption_from}
+    return {"queries": str(Path(opts.queries).resolve()), "queries_bytes": want["queries"]["bytes"],
+            "images": str(Path(opts.images).resolve())}
+
+
+def _sample_counts(infos: List[Dict]) -> Dict:
+    """A data set built from tar shards: samples skipped per reason, and how image ids were made."""
+    if not any("skipped_samples" in i for i in infos):
+        return {}
+    reasons: Dict[str, int] = {}
+    for i in infos:
+        for reason, n in i.get("skipped_samples", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + int(n)
+    return {"samples": sum(int(i.get("samples", 0)) for i in infos), "skipped_samples": reasons,
+            "image_ids": {"from": "sample key (its integer value when it is decimal digits)",
+                          "hashed": sum(int(i.get("hashed_ids", 0)) for i in infos), "hash": KEY_HASH}}
+
+
 def finalize(opts: BuildOptions, num_shards: int) -> Dict:
     """Check every shard; write manifest.json with complete: true (the data set's last write)."""
     want = settings(opts, num_shards)
@@ -262,8 +283,7 @@ def finalize(opts: BuildOptions, num_shards: int) -> Dict:
         "tokenizer": {"vocab_sha256": vocab["vocab_sha256"], "vocab_size": vocab["vocab_size"],
                       "vocab_file": str(Path(vocab["vocab_file"]).resolve())},
         "context_length": opts.context_length, "token_dtype": str(tokens.dtype),
-        "sources": {"queries": str(Path(opts.queries).resolve()), "queries_bytes": want["queries"]["bytes"],
-                    "images": str(Path(opts.images).resolve())},
+        "sources": _sources(opts, want), **_sample_counts(infos),
         "on_error": opts.on_error, "complete": True,
     }
     with atomic_write(Path(opts.output) / MANIFEST) as f:

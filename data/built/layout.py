@@ -1,7 +1,8 @@
 """What a built data set is on disk, and the settings every shard of one must share. The queries read
 into pair arrays and their tokenizing: plan.py; the shards themselves: builder.py; reading: reader.py.
 
-A built data set is made from MUGE queries and images.
+A built data set is made from a queries file (MUGE's or Chinese-CLIP's) and an image source
+(builder.py), or from webdataset / img2dataset tar shards that hold both (from_shards.py).
 
 Layout of the output folder:
   shards/00000/images/          an ImageStore (LMDB) of the shard's images, uint8 or JPEG
@@ -11,8 +12,9 @@ Layout of the output folder:
   shards/00000/tokens.npy       uint16 (int32 for a vocab over 65535) [T, L]: the shard's distinct texts
   shards/00000/shard.json       written last: counts and the build settings (the shard's "done")
   manifest.json                 written by the final step once every shard checks out (complete: true)
-An image goes to shard hash(image id) % num_shards, and a pair to its image's shard, so every shard
-holds its images and every pair that uses them: a node can train from the shards on its own disk.
+From a queries file, an image goes to shard hash(image id) % num_shards, and a pair to its image's
+shard, so every shard holds its images and every pair that uses them: a node can train from the
+shards on its own disk. From tar shards, input shard j goes to output shard j % num_shards, whole.
 
 Every shard builds on its own (`build_shard`: one process, node or cluster job each), from the same
 queries file and image source; `finalize` checks them all and writes the manifest. Images are
@@ -24,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -41,8 +43,8 @@ DEFAULT_SHARD_SIZE = 200_000  # images per shard: 30 GB of uint8 at 224 px
 
 @dataclass
 class BuildOptions:
-    queries: Path
-    images: Path
+    queries: Optional[Path]  # None: the captions come from tar shards (--images is a shard spec)
+    images: Union[Path, str]  # a str for a shard spec (Path() would mangle a URL)
     output: Path
     vocab: Path
     context_length: int
@@ -55,6 +57,7 @@ class BuildOptions:
     jpeg_quality: int = 95
     progress: bool = True
     resize: str = "squash"  # how a tsv/folder image becomes R×R (data.images.transform); a store keeps its own
+    caption_from: str = "txt"  # tar shards: each sample's .txt, or json:FIELD of its .json
 
 
 @dataclass
@@ -113,7 +116,7 @@ def source_resize(opts: BuildOptions) -> str:
     """The resize mode of the data set's images: --resize for images decoded here; a store built by
     launch/build_lmdb.py already holds R×R images, made by the mode its manifest records (stores
     from before the key existed were centre-cropped)."""
-    store = our_store(Path(opts.images))
+    store = None if opts.queries is None else our_store(Path(opts.images))
     if store is None:
         return opts.resize
     store.close()  # py-lmdb allows one open environment per path and process
@@ -122,10 +125,12 @@ def source_resize(opts: BuildOptions) -> str:
 
 def settings(opts: BuildOptions, num_shards: int) -> Dict:
     """What makes two shards parts of one data set; recorded in every shard.json and the manifest."""
+    out = {"num_shards": num_shards, "resolution": opts.resolution, "context_length": opts.context_length,
+           "image_format": opts.image_format,
+           "jpeg_quality": opts.jpeg_quality if opts.image_format == "jpeg" else None,
+           "resize": source_resize(opts), "on_error": opts.on_error,
+           "vocab_sha256": vocab_fingerprint(opts.vocab)["vocab_sha256"]}
+    if opts.queries is None:  # tar shards: the spec names every input shard (which job reads which follows)
+        return {**out, "shards": str(opts.images), "caption_from": opts.caption_from}
     q = Path(opts.queries)
-    return {"num_shards": num_shards, "resolution": opts.resolution, "context_length": opts.context_length,
-            "image_format": opts.image_format,
-            "jpeg_quality": opts.jpeg_quality if opts.image_format == "jpeg" else None,
-            "resize": source_resize(opts), "on_error": opts.on_error,
-            "vocab_sha256": vocab_fingerprint(opts.vocab)["vocab_sha256"],
-            "queries": {"name": q.name, "bytes": q.stat().st_size}, "images": Path(opts.images).name}
+    return {**out, "queries": {"name": q.name, "bytes": q.stat().st_size}, "images": Path(opts.images).name}

@@ -14,7 +14,7 @@ from typing import Dict, List
 import numpy as np
 
 from data.files import InputError, read_jsonl
-from data.queries import parse_query
+from data.queries import FileSchema
 from data.tokenizer import load_tokenizer, tokenize
 
 
@@ -27,6 +27,7 @@ class Plan:
     texts: List[str]         # distinct texts
     pair_query: np.ndarray   # int64 [N]: query row of each pair
     pair_image: np.ndarray   # int64 [N]: image id of each pair
+    schema: str = "muge"     # the queries file's schema (data.queries.SCHEMAS)
 
 
 def read_plan(queries: Path, progress: bool = True) -> Plan:
@@ -34,14 +35,15 @@ def read_plan(queries: Path, progress: bool = True) -> Plan:
 
     qids, lines, qtext, pq, pimg = (array.array("q") for _ in range(5))
     text_index: Dict[str, int] = {}
+    schema = FileSchema(queries)
     # `with`: a bad line closes the bar first, so the error starts a line of its own
     with tqdm(desc=f"read {queries.name}", unit=" queries", disable=not progress, file=sys.stderr,
               mininterval=2.0, dynamic_ncols=True) as bar:
         for lineno, obj in read_jsonl(queries):
-            qid, text, items = parse_query(obj, f"{queries}:{lineno}")
+            qid, text, items = schema.parse(obj, lineno)
             if not items:
-                raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids; training needs at least "
-                                 f"one image per query")
+                raise InputError(f"{queries}:{lineno}: query {qid} has no item_ids/image_ids; training needs "
+                                 f"at least one image per query")
             row = len(qids)
             qids.append(qid)
             lines.append(lineno)
@@ -52,7 +54,7 @@ def read_plan(queries: Path, progress: bool = True) -> Plan:
     if not qids:
         raise InputError(f"{queries}: no queries in the file")
     plan = Plan(*(np.frombuffer(a, dtype=np.int64) for a in (qids, lines, qtext)), list(text_index),
-                np.frombuffer(pq, dtype=np.int64), np.frombuffer(pimg, dtype=np.int64))
+                np.frombuffer(pq, dtype=np.int64), np.frombuffer(pimg, dtype=np.int64), schema.schema)
     _check_unique_queries(plan, queries)
     return plan
 

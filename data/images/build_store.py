@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
+from data.images.shards import is_shard_spec
 from data.images.sources import (Item, PathLike, Record, commit_decoded, decode_chunk, in_order, open_source,
                                  write_skip_report)
 from data.images.store import ImageStoreWriter
@@ -59,7 +60,7 @@ def _chunks(records: Iterator[Record], done: set, size: int, result: BuildResult
         yield chunk
 
 
-def _open(input_path: Path, output: PathLike, resolution: int, workers: int, **store):
+def _open(input_path, output: PathLike, resolution: int, workers: int, **store):
     """(kind, records, total, unit, pool or None, writer). The pool forks before the LMDB environment
     is opened: an environment must not cross a fork."""
     kind, records, total, unit = open_source(input_path)
@@ -67,7 +68,8 @@ def _open(input_path: Path, output: PathLike, resolution: int, workers: int, **s
     if workers > 1:
         pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers)
     try:
-        writer = ImageStoreWriter(output, resolution, source=f"{kind}:{input_path.resolve()}", **store)
+        where = input_path if kind == "webdataset" else Path(input_path).resolve()
+        writer = ImageStoreWriter(output, resolution, source=f"{kind}:{where}", **store)
     except BaseException:
         if pool is not None:
             pool.terminate()
@@ -92,7 +94,7 @@ def build_store(input_path: PathLike, output: PathLike, resolution: int, on_erro
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     check_resize(resize)
-    input_path = Path(input_path)
+    input_path = str(input_path) if is_shard_spec(input_path) else Path(input_path)  # Path() would mangle a URL
     workers = max(1, os.cpu_count() or 1) if workers is None else max(0, int(workers))
     kind, records, total, unit, pool, writer = _open(input_path, output, resolution, workers, mean=mean,
                                                      std=std, map_size=map_size, resize=resize)

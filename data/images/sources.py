@@ -7,7 +7,10 @@ Sources:
     both alphabets are accepted);
   - a folder of image files named `<image id>.<ext>` (searched recursively);
   - a Chinese-CLIP LMDB: key str(image id) -> base64 JPEG (its `imgs/` folder or the parent of it).
-    Only the `imgs` database is opened; Chinese-CLIP's `pairs` database holds pickles and is never read.
+    Only the `imgs` database is opened; Chinese-CLIP's `pairs` database holds pickles and is never read
+    (its captions are in the package's `{split}_texts.jsonl`: pass that as the queries);
+  - webdataset / img2dataset tar shards (shards.py): a .tar, a brace or glob pattern, or URLs; the
+    image id is the sample key's (shards.key_image_id).
 
 `decode_chunk` turns a chunk of records into arrays; it runs in the builders' process pools.
 """
@@ -24,6 +27,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 import lmdb
 
 from data.files import InputError, atomic_write
+from data.images.shards import expand_shards, is_shard_spec, iter_samples, key_image_id
 from data.images.transform import load_and_preprocess
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -110,6 +114,38 @@ def chinese_clip_imgs_dir(path: Path) -> Optional[Path]:
     return None
 
 
+def shard_records(urls: List[str]) -> Iterator[Record]:
+    """The images of tar shards (their captions are not read here)."""
+    for url in urls:
+        for s in iter_samples(url, caption_from=None):
+            image_id = key_image_id(s.key)[0] if s.reason != "truncated tar" else None
+            yield Record(s.where, image_id, s.image, False, error=s.error)
+
+
+PAIRS_NOTE = ("Chinese-CLIP's pairs/ LMDB holds pickles and is never read: give its imgs/ (or the folder "
+              "holding imgs/ and pairs/) as the images, and the package's {split}_texts.jsonl as the queries")
+
+
+def _refuse_pairs_lmdb(path: Path) -> None:
+    """Chinese-CLIP's pairs/ database (values are pickles) named where its imgs/ belongs."""
+    env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            pairs = txn.get(b"num_samples") is not None and txn.get(b"num_images") is None
+    finally:
+        env.close()
+    if pairs:
+        raise InputError(f"{path}: {PAIRS_NOTE}")
+
+
+def source_note(path: PathLike) -> Optional[str]:
+    """A line to print about what of an image source is not read, or None."""
+    path = Path(path)
+    if path.is_dir() and (path / "imgs" / "data.mdb").is_file() and (path / "pairs").is_dir():
+        return f"{path / 'pairs'}: not read ({PAIRS_NOTE.split(': ', 1)[1]})"
+    return None
+
+
 def lmdb_records(path: Path) -> Iterator[Record]:
     env = lmdb.open(str(path), readonly=True, lock=False, readahead=True, subdir=True, max_dbs=0)
     try:
@@ -134,6 +170,9 @@ def lmdb_records(path: Path) -> Iterator[Record]:
 
 def open_source(path: PathLike) -> Tuple[str, Iterator[Record], Optional[int], str]:
     """(kind, records, progress total, progress unit) for an input path."""
+    if is_shard_spec(path):
+        urls = expand_shards(str(path))
+        return "webdataset", shard_records(urls), None, "img"
     path = Path(path)
     if path.is_file():
         if path.name == "data.mdb":
@@ -143,6 +182,7 @@ def open_source(path: PathLike) -> Tuple[str, Iterator[Record], Optional[int], s
         raise InputError(f"{path}: no such file or folder")
     imgs = chinese_clip_imgs_dir(path)
     if imgs is not None:
+        _refuse_pairs_lmdb(imgs)
         env = lmdb.open(str(imgs), readonly=True, lock=False, subdir=True)
         total = env.stat()["entries"]
         env.close()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from data.images.transform import normalize_uint8
+from data.queries import SCHEMAS
 from data.tokenizer import tokenize
 from engine import dist
 from engine.inference.feature_files import (open_features, remove_shards, save_features, shard_name,
@@ -169,12 +170,13 @@ def extract_split(model, out_dir, device: torch.device, batch_size: int = 64, st
                 feature_dtype, out_dir / "image_feats.jsonl" if jsonl else None, "image_id",
                 {**(models or {}), "kind": "image"})
         if queries is not None:
+            schema = getattr(queries, "schema", "muge")  # predictions answer in the queries' schema
             written["text_feats"] = _write_split(
                 out_dir / "text_feats",
                 lambda: encode_texts(model, queries, tokenizer, context_length, batch_size, device,
                                      progress=progress),
-                feature_dtype, out_dir / "text_feats.jsonl" if jsonl else None, "query_id",
-                {**(models or {}), "kind": "text"})
+                feature_dtype, out_dir / "text_feats.jsonl" if jsonl else None, SCHEMAS[schema][0],
+                {**(models or {}), "kind": "text", "queries_schema": schema})
     if jsonl:
         for key in list(written):
             written[key + "_jsonl"] = out_dir / f"{key}.jsonl"

@@ -340,7 +340,8 @@ def open_features(path) -> FeatureSource:
         ids, feats, id_key = _load_jsonl(path)
         src = ArraySource(ids, feats, where=str(path))
         # MUGE jsonl says what it holds through its id key
-        src.meta = {"kind": "image" if id_key == "image_id" else "text", "dim": src.dim, "count": len(ids)}
+        src.meta = {"kind": "image" if id_key == "image_id" else "text", "dim": src.dim, "count": len(ids),
+                    **({"queries_schema": "chinese-clip"} if id_key == "text_id" else {})}
     else:
         raise InputError(f"{path}: unknown feature format (want .npz, a folder of .npz, or .jsonl)")
     _check_unique(src.ids, str(path))

@@ -16,7 +16,8 @@ import torch
 
 from data.files import InputError
 from data.images.transform import normalize_uint8
-from data.sampler import ShardedSampler
+from data.sampler import ShardedSampler, mixture_counts
+from engine.loader.mixture import MixtureDataset, SourceShares, mixture_sampler
 from engine.loader.prefetch import Prefetcher
 
 log = logging.getLogger("clip")
@@ -26,6 +27,14 @@ def build_sampler(dataset, rank: int, world_size: int, seed: int, shard_local: b
                   data_name: str) -> ShardedSampler:
     """The global shuffle, or with shard_local each rank reading its own run of the dataset's shards
     (needs a dataset with `shard_pair_counts`: pairs per shard, shard s = the next index range)."""
+    if isinstance(dataset, MixtureDataset):
+        if shard_local:
+            raise InputError("--shard-local reads each rank's own shards of one data set; a mixture of data sets "
+                             "samples them all by weight: drop --shard-local")
+        log.info("mixture: %s", ", ".join(f"{n} ({s} pairs, weight {w:g}, {c} samples per epoch)" for n, s, w, c
+                                         in zip(dataset.names, dataset.sizes, dataset.weights,
+                                                mixture_counts(dataset.sizes, dataset.weights))))
+        return mixture_sampler(dataset, rank, world_size, seed)
     if not shard_local:
         return ShardedSampler(len(dataset), rank, world_size, seed=seed, shuffle=True)
     sizes = getattr(dataset, "shard_pair_counts", None)
@@ -76,18 +85,23 @@ class DeviceBatch:
 
 class DeviceBatches:
     """An epoch's micro-batches as DeviceBatch: read ahead (and copied to a GPU) by a Prefetcher,
-    placed on `device` here (a no-op where the Prefetcher already moved them)."""
+    placed on `device` here (a no-op where the Prefetcher already moved them). `shares` hears of every
+    micro-batch handed out (the step consumes what it is handed): `(epoch, first sample, micro)`."""
 
     def __init__(self, batches: Prefetcher, device: torch.device, mean: Sequence[float], std: Sequence[float],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, shares: Optional[SourceShares] = None, position: Tuple[int, int, int] = (0, 0, 0)):
         self.batches, self.device = batches, device
         self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
+        self.shares, (self.epoch, self.next_sample, self.micro) = shares, position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> DeviceBatch:
         b = next(self.batches)
+        if self.shares is not None:
+            self.shares.consumed(self.epoch, self.next_sample, self.next_sample + self.micro)
+        self.next_sample += self.micro
         return DeviceBatch(b["image"].to(self.device, non_blocking=True),
                            b["input_ids"].to(self.device, non_blocking=True), self.mean, self.std, self.dtype)
 
@@ -97,8 +111,10 @@ class DeviceBatches:
 
 def device_batches(dataset, sampler: ShardedSampler, epoch: int, start_sample: int, micro_batch: int,
                    num_workers: int, seed: int, device: torch.device, images, dtype: torch.dtype, depth: int,
-                   timeout_s: float) -> DeviceBatches:
+                   timeout_s: float, shares: Optional[SourceShares] = None) -> DeviceBatches:
     """epoch_batches, made ready for the device; `images` is what holds the images (its .mean/.std
-    say how they normalise). Close it (or let the epoch end) when done."""
+    say how they normalise); `shares` counts the sources of what is consumed. Close it (or let the
+    epoch end) when done."""
     return DeviceBatches(epoch_batches(dataset, sampler, epoch, start_sample, micro_batch, num_workers, seed,
-                                       device, depth, timeout_s), device, images.mean, images.std, dtype)
+                                       device, depth, timeout_s), device, images.mean, images.std, dtype,
+                         shares, (epoch, start_sample, micro_batch))

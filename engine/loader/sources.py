@@ -1,5 +1,6 @@
 """Open the run's training and validation data: a built data set (a folder from
-launch/build_dataset.py) or the queries jsonl + image LMDB of launch/build_lmdb.py.
+launch/build_dataset.py), a weighted mixture of them (mixture.py), or a queries jsonl (MUGE's or
+Chinese-CLIP's schema, data/queries.py) + image LMDB of launch/build_lmdb.py.
 
 Validation keeps the jsonl + LMDB form: it scores whole queries (a query with all its correct item
 ids) against the full image pool, and validation splits are small (MUGE: 5k queries, 30k images), so
@@ -18,9 +19,10 @@ from data.built.reader import BuiltDataset, check_tokenizer, is_built_dataset, r
 from data.files import InputError
 from data.images.datasets import PairDataset
 from data.images.store import ImageStore
-from data.queries import check_ids_present, read_queries, training_pairs
+from data.queries import check_ids_present, describe_schema, read_queries, training_pairs
 from engine import dist
 from engine.loader.jpeg_gpu import DeviceJpegDecoder
+from engine.loader.mixture import MixtureDataset
 
 log = logging.getLogger("clip")
 
@@ -68,6 +70,12 @@ def _check_resolution(flag: str, resolution: int, cfg, want: int) -> None:
 def open_training_data(cfg, tokenizer, want_resolution: int) -> TrainData:
     """The training pairs; the images' resolution is checked against the model's before anything
     large is read (the queries jsonl of the old path can be big)."""
+    if cfg.train_mixture:
+        dataset = MixtureDataset(cfg.train_mixture)
+        _check_resolution(f"--train-data {cfg.train_mixture[0][0]}", dataset.resolution, cfg, want_resolution)
+        _gpu_jpeg(dataset, cfg.num_workers)
+        log.info("train: a mixture of %d built data sets, %d pairs", len(dataset.parts), len(dataset))
+        return TrainData(dataset, dataset, f"--train-data {cfg.train_data}")
     if is_built_dataset(cfg.train_data):
         dataset = BuiltDataset(cfg.train_data)
         _check_resolution(f"--train-data {cfg.train_data}", dataset.resolution, cfg, want_resolution)
@@ -78,6 +86,7 @@ def open_training_data(cfg, tokenizer, want_resolution: int) -> TrainData:
     store = ImageStore(cfg.train_img)
     _check_resolution(f"--train-img {cfg.train_img}", store.resolution, cfg, want_resolution)
     queries = read_queries(cfg.train_data)
+    log.info("train: %s", describe_schema(cfg.train_data, queries.schema))
     check_ids_present(queries, store, cfg.train_data)
     pairs = training_pairs(queries)
     dataset = PairDataset(pairs, store, tokenizer, cfg.context_length)
@@ -93,5 +102,6 @@ def open_validation_data(cfg, want_resolution: int) -> Optional[Tuple[Any, list]
     store = ImageStore(cfg.val_img)
     _check_resolution(f"--val-img {cfg.val_img}", store.resolution, cfg, want_resolution)
     queries = read_queries(cfg.val_data)
+    log.info("validation: %s", describe_schema(cfg.val_data, queries.schema))
     check_ids_present(queries, store, cfg.val_data)
     return store, queries

@@ -50,6 +50,7 @@ class RunShape:
     zero_stage: int
     precision: str
     sampling: str = "global"  # or "shard-local" (data.sampler)
+    mixture: Tuple = ()  # [pairs, weight] per source of a mixture of data sets (engine.loader.mixture)
 
     @property
     def global_batch(self) -> int:
@@ -59,7 +60,7 @@ class RunShape:
         """The fields a checkpoint's client_state keeps (Trainer.save)."""
         return {"world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
                 "train_pairs": self.train_pairs, "zero_stage": self.zero_stage, "precision": self.precision,
-                "sampling": self.sampling}
+                "sampling": self.sampling, "mixture": [list(m) for m in self.mixture]}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ def check(saved: Dict[str, Any], run: RunShape, where: str) -> None:
     if saved.get("train_pairs") != run.train_pairs:
         refuse(f"saved with {saved.get('train_pairs')} training pairs, this run has {run.train_pairs} "
                "(different data: the data stream cannot continue)")
+    if [list(m) for m in saved.get("mixture", [])] != [list(m) for m in run.mixture]:
+        refuse(f"saved with the mixture {saved.get('mixture') or 'none'} ([pairs, weight] per data set), this run "
+               f"has {[list(m) for m in run.mixture] or 'none'} (the sample sequence depends on both)",
+               "resume with the same --train-data and weights, or " + NEW_RUN_HINT.replace("to change it, ", ""))
     saved_sampling = saved.get("sampling", "global")  # checkpoints from before shard-local sampling
     if saved_sampling != run.sampling:
         refuse(f"saved with sampling={saved_sampling}, now sampling={run.sampling} (the data stream cannot "

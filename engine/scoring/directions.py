@@ -21,12 +21,16 @@ from typing import Any, Dict, List
 from data.files import EXIT_BAD_INPUT, InputError, atomic_write, read_jsonl
 from data.queries import read_queries
 from engine.scoring.muge import evaluate as evaluate_muge, result_json as muge_result_json
-from engine.scoring.predictions import SchemaError, parse_i2t_predictions
+from engine.scoring.predictions import SchemaError, parse_i2t_predictions, read_i2t_reference
 from engine.scoring.recall import combine, direction_scores, invert_references
 
 MODES = ("t2i", "i2t", "both")
 def image_references(ref_path) -> Dict[int, List[int]]:
-    """{image id: [ids of the queries listing it]} from a MUGE queries file."""
+    """{image id: [ids of the queries listing it]} from a queries file (MUGE's or Chinese-CLIP's),
+    or Chinese-CLIP's image->text reference ({"image_id", "text_ids"} lines) as it is."""
+    first = next(read_jsonl(ref_path), (0, {}))[1]
+    if "image_id" in first and "text_ids" in first:
+        return read_i2t_reference(ref_path)
     refs = invert_references({q.query_id: q.item_ids for q in read_queries(ref_path) if q.item_ids})
     if not refs:
         raise SchemaError(f"{ref_path}: no query lists an image (item_ids), nothing to score image->text")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from data.files import EXIT_BAD_INPUT, InputError, atomic_write
-from engine.scoring.predictions import ITEM_KEYS, TEXT_KEYS, Rows, parse_predictions, parse_reference, read_rows
+from engine.scoring.predictions import (ITEM_KEYS, TEXT_KEYS, Rows, check_one_schema, parse_predictions,
+                                       parse_reference, read_rows)
 from engine.scoring.recall import muge_scores
 
 def _has_text(rows: Rows) -> bool:
@@ -57,8 +58,8 @@ def evaluate(pred_path, ref_path, k: int = 10) -> Dict[str, float]:
     if swapped:
         pred_path, ref_path, pred_rows, ref_rows = ref_path, pred_path, ref_rows, pred_rows
     print(f"reference: {ref_path}; predictions: {pred_path}" +
-          (" (told from their content: they were given in the order REF PRED)" if swapped else ""),
-          file=sys.stderr)
+          (" (told from their content: they were given in the order REF PRED)" if swapped else "") +
+          f"; {check_one_schema(ref_path, ref_rows)} schema", file=sys.stderr)
     reference = parse_reference(ref_path, ref_rows)
     predictions = parse_predictions(pred_path, pred_rows, reference, k)
     return muge_scores(predictions, reference)

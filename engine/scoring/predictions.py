@@ -2,8 +2,9 @@
 
 Text->image (MUGE's): {"query_id": int, "item_ids": [k ints]} per line; reference lines {"query_id":
 int, "item_ids": [ints], "query_text": ...}. Chinese-CLIP's names ({"text_id", "image_ids", "text"})
-are accepted in both. Image->text (Chinese-CLIP's): {"image_id": int, "text_ids": [k ints]}
-("query_ids" is accepted as the name of the list too).
+are accepted in both, one schema per file. Image->text (Chinese-CLIP's): {"image_id": int,
+"text_ids": [k ints]} ("query_ids" is accepted as the name of the list too); its reference is the
+queries file inverted, or Chinese-CLIP's own {"image_id", "text_ids"} form (read_i2t_reference).
 
 Reading is as strict as the MUGE server: UTF-8, one JSON object per line, no blank lines, integer ids
 (JSON booleans are not ids), exactly k unique predicted ids, every reference query predicted; a query
@@ -72,8 +73,23 @@ def read_rows(path: Path) -> Rows:
     return rows
 
 
+def check_one_schema(path: Path, rows: Rows) -> str:
+    """"MUGE" or "Chinese-CLIP": the id key of the file's first line, which every line must share
+    (a file mixing query_id and text_id lines is an error naming the first odd line)."""
+    def keys(obj):  # a line with both names is read as MUGE's (_field checks that they agree)
+        return ("query_id",) if "query_id" in obj else ("text_id",) if "text_id" in obj else ()
+
+    first = next((keys(obj) for _, obj in rows if keys(obj)), ())
+    for lineno, obj in rows:
+        if keys(obj) and keys(obj) != first:  # a line without any is the line parser's to report
+            raise SchemaError(f"{path}:{lineno}: its id field ({', '.join(keys(obj))}) differs from the other "
+                              f"lines' ({', '.join(first)}): write the file in one schema")
+    return "Chinese-CLIP" if first == ("text_id",) else "MUGE"
+
+
 def parse_reference(path: Path, rows: Rows) -> Dict[int, List[int]]:
     reference: Dict[int, List[int]] = {}
+    check_one_schema(path, rows)
     for lineno, obj in rows:
         where = f"{path}:{lineno}"
         qid = _query_id(obj, where)
@@ -91,6 +107,7 @@ def parse_reference(path: Path, rows: Rows) -> Dict[int, List[int]]:
 def parse_predictions(path: Path, rows: Rows, reference: Dict[int, List[int]], k: int = 10
                       ) -> Dict[int, List[int]]:
     predictions: Dict[int, List[int]] = {}
+    check_one_schema(path, rows)
     for lineno, obj in rows:
         where = f"{path}:{lineno}"
         qid = _query_id(obj, where)
@@ -134,6 +151,25 @@ def _i2t_line(obj: Dict[str, Any], where: str, k: int) -> Tuple[int, List[int]]:
     if len(set(texts)) != k:
         raise SchemaError(f"{where}: image {image} has duplicate predicted text ids")
     return image, texts
+
+
+def read_i2t_reference(path) -> Dict[int, List[int]]:
+    """Chinese-CLIP's image->text reference ({split}_texts.tr.jsonl, made by its
+    transform_ir_annotation_to_tr.py): {"image_id": i, "text_ids": [ids]} per line."""
+    refs: Dict[int, List[int]] = {}
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        image, texts = obj.get("image_id"), obj.get("text_ids")
+        if not is_int(image):
+            raise SchemaError(f"{where}: 'image_id' must be an integer, got {image!r}")
+        if not isinstance(texts, list) or not texts or not all(is_int(t) for t in texts):
+            raise SchemaError(f"{where}: 'text_ids' of image {image} must be a non-empty list of integers")
+        if image in refs:
+            raise SchemaError(f"{where}: image {image} appears twice in the reference")
+        refs[image] = texts
+    if not refs:
+        raise SchemaError(f"{path}: the reference holds no images")
+    return refs
 
 
 def parse_i2t_predictions(path, references: Dict[int, List[int]], k: int = 10

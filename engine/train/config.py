@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from data.files import InputError, atomic_write
 from engine.train.ds_settings import DSSettings, load_ds_settings
@@ -60,6 +60,7 @@ class TrainConfig:
     world_size: int
     ds: DSSettings
     speed: SpeedSettings = SpeedSettings()
+    train_mixture: Tuple[Tuple[str, float], ...] = ()  # (built data set, weight) per source of a mixture
 
     @property
     def run_dir(self) -> Path:
@@ -216,7 +217,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
     """
     import torch  # here, not at the top: `train.py --help` and flag errors answer without it
 
-    from engine.loader.sources import check_data_flags  # imports torch as well
+    from engine.loader.mixture import WEIGHT_SEP, check_mixture, parse_train_data  # imports torch as well
+    from engine.loader.sources import check_data_flags
 
     ws = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -224,9 +226,14 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         args.deepspeed_config = args.deepscale_config
     ds = load_ds_settings(args.deepspeed_config, ws, gpu)
     args = _model_from_init(args)
+    sources = parse_train_data(args.train_data, getattr(args, "train_data_weights", None))
+    args = argparse.Namespace(**{**vars(args), "train_data": sources[0][0]})  # a mixture's others: check_mixture
     _check_paths(args)
     vocab = _resolve_vocab(args)
     check_data_flags(args.train_data, args.train_img, args.val_data, vocab, args.context_length)
+    if len(sources) > 1:
+        check_mixture(sources, vocab, args.context_length)
+        args.train_data = " + ".join(f"{p}{WEIGHT_SEP}{w:g}" for p, w in sources)
     _check_numbers(args)
     run_name = _run_name(args, name)
     return TrainConfig(
@@ -242,7 +249,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         keep_last=args.keep_last, resume=args.resume, export=args.export or args.export_hf,
         export_hf=args.export_hf, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
-        dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args))
+        dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args),
+        train_mixture=tuple(sources) if len(sources) > 1 else ())
 
 
 def write_config(cfg: TrainConfig, extra: Optional[Dict[str, Any]] = None) -> Path:

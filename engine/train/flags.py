@@ -13,8 +13,12 @@ from engine.train.speed import add_speed_arguments
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--train-data", required=True,
-                   help="training queries (MUGE jsonl, with --train-img) or a launch/build_dataset.py folder")
+    d.add_argument("--train-data", required=True, action="append",
+                   help="training queries (MUGE or Chinese-CLIP jsonl, with --train-img) or a launch/build_dataset.py "
+                        "folder; repeat it for a weighted mixture of built data sets (DIR or DIR::weight)")
+    d.add_argument("--train-data-weights", default=None,
+                   help="mixture weights, one per --train-data, comma-separated (e.g. 1,3): each data set's share "
+                        "of the samples (default: equal)")
     d.add_argument("--train-img", default=None, help="training image LMDB directory (launch/build_lmdb.py)")
     d.add_argument("--val-data", default=None, help="validation queries jsonl (with --val-img)")
     d.add_argument("--val-img", default=None, help="validation image LMDB directory")

@@ -24,6 +24,7 @@ from data.tokenizer import load_tokenizer
 from engine import dist
 from engine.inference.source import load_weights_into
 from engine.loader.batches import build_sampler, device_batches
+from engine.loader.mixture import SourceShares, mixture_record
 from engine.loader.sources import open_training_data, open_validation_data
 from engine.run import checkpoint, resume, rundir
 from engine.run.export import export_run, warn_preprocessing
@@ -156,8 +157,9 @@ class Trainer:
         sampler = build_sampler(self.dataset, dist.rank(), cfg.world_size, cfg.seed, cfg.shard_local,
                                 cfg.train_data)
         steps_per_epoch, total_steps = self._count_steps(sampler)
+        self.shares = SourceShares(self.dataset, sampler)  # each source's share of a mixture, for TensorBoard
         self.shape = resume.RunShape(cfg.world_size, cfg.ds.micro_batch, cfg.ds.grad_accum, len(self.dataset),
-                                     cfg.ds.zero_stage, cfg.ds.precision, cfg.sampling)
+                                     cfg.ds.zero_stage, cfg.ds.precision, cfg.sampling, mixture_record(self.dataset))
         # Checked (and converted for a new world size) before DeepSpeed loads anything.
         self.resume_plan = resume.prepare(cfg.resume, cfg.checkpoint_dir, self.shape) if cfg.resume else None
         self.engine = self._build_engine(model, total_steps)
@@ -242,7 +244,7 @@ class Trainer:
         cfg, micro, gas = self.cfg, self.cfg.ds.micro_batch, self.cfg.ds.grad_accum
         return device_batches(self.dataset, sampler, epoch, start_step * micro * gas, micro, cfg.num_workers,
                               cfg.seed, self.device, self.store, self.dtype, depth=max(2, gas),
-                              timeout_s=cfg.dist_timeout)
+                              timeout_s=cfg.dist_timeout, shares=self.shares)
 
     def _stepper(self) -> ContrastiveStep:
         """The contrastive step over this run's engine and loss; the hook before each update also reads
@@ -353,7 +355,7 @@ class Trainer:
         self.tb.add(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale,
                            "train/grad_norm": norm, "train/loss_scale": scale16,
                            "train/samples_per_s": samples_s, "train/step_time_s": step_time,
-                           "train/tflops": tflops, "train/mfu": mfu})
+                           "train/tflops": tflops, "train/mfu": mfu, **self.shares.scalars()})
 
     def validate(self, step: int) -> Optional[Dict[str, float]]:
         """Full-pool recall both ways on the validation split (every rank takes part)."""

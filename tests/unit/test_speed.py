@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from engine.loader.mixture import SourceShares
 from engine.train import flops
 from engine.train.threads import choose_threads
 from models.config import load_text_config, load_vision_config
@@ -144,7 +145,8 @@ def test_log_step_reports_tflops_and_mfu(caplog):
     rate = Throughput(_tiny(), cfg)
     rate.peak = 100.0  # as on a device in the peak table
     fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0), cfg=cfg,
-                                 rate=rate, tb=TB(), _loss_scale=lambda: None)
+                                 rate=rate, tb=TB(), _loss_scale=lambda: None,
+                                 shares=SourceShares(None, None))  # one data set: no share scalars
     with caplog.at_level(logging.INFO, logger="clip"):
         Trainer._log_step(fake, 10, 100, 0, 1.5, 1e-3, 14.3, None, n_steps=4, elapsed=2.0)
     per_sample = flops.clip_sample_flops(load_vision_config("ViT-tiny-test"), load_text_config("BERT-tiny-test"),
