@@ -112,6 +112,8 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
     if context < 3:
         raise InputError(f"context length {context} is too short ([CLS], a token, [SEP])")
     clip = CLIP(vision, text)
+    if state is not None and "logit_bias" in state:  # trained with the sigmoid loss
+        clip.add_logit_bias()
     if path is not None:
         if path.is_dir():
             load_pretrained_clip(clip, path)
