@@ -7,5 +7,5 @@ from .sigmoid_loss import SigmoidLoss
 from .vit import VisionConfig, VisionTransformer
 
 __all__ = ["CLIP", "build_clip", "list_model_configs", "load_vision_config", "load_text_config",
-           "ClipLoss", "DistillLoss", "SigmoidLoss", "contrastive_loss", "VisionConfig", "VisionTransformer", "LOGIT_SCALE_INIT",
-           "LOGIT_SCALE_MAX"]
+           "ClipLoss", "DistillLoss", "SigmoidLoss", "contrastive_loss", "VisionConfig", "VisionTransformer",
+           "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 from data.files import InputError, atomic_write
 from engine.train.ds_settings import DSSettings, load_ds_settings
+from engine.train.recipe_settings import RecipeSettings, recipe_settings
 from engine.train.speed import SpeedSettings, speed_settings
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     world_size: int
     ds: DSSettings
     speed: SpeedSettings = SpeedSettings()
+    recipe: RecipeSettings = RecipeSettings()  # loss, distillation, locked towers, layer-wise lr decay
 
     @property
     def run_dir(self) -> Path:
@@ -209,7 +211,8 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         keep_last=args.keep_last, resume=args.resume, export=args.export or args.export_hf,
         export_hf=args.export_hf, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
-        dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args))
+        dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args),
+        recipe=recipe_settings(args))
 
 
 def write_config(cfg: TrainConfig, extra: Optional[Dict[str, Any]] = None) -> Path:
