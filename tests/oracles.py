@@ -17,22 +17,17 @@ def open_clip_loss():
 
 
 def peak_tensor_bytes(fn) -> int:
-    """The most CPU tensor memory alive at once while fn() runs, counted from what fn allocates
-    (torch.profiler's memory timeline: every allocation and free, including what autograd keeps)."""
+    """The most CPU tensor memory alive at once while fn() runs, counted from what fn allocates and
+    frees (torch.profiler's allocation events in time order; what autograd keeps is included)."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+    from torch.profiler._memory_profiler import OpTree
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for _, action, key, size in prof._memory_profile().timeline:
-        key = key[0] if isinstance(key, tuple) else key
-        if key.device.type != "cpu":
-            continue
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
+    for node in OpTree(prof.profiler.kineto_results).sorted_nodes:
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            live += node.typed[1].alloc_size  # negative for a free
+            peak = max(peak, live)
     return peak

@@ -80,6 +80,9 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--sigmoid-chunk", type=int, default=0, metavar="ROWS",
                    help="with --loss siglip: text rows per chunk of logits (memory per rank: its rows x ROWS; "
                         "default: one rank's rows of the step)")
+    o.add_argument("--sigmoid-exchange", choices=("ring", "gather"), default="ring",
+                   help="with --loss siglip: text rows pass rank to rank (memory flat in the number of ranks) "
+                        "or are all gathered at once (memory grows with it; measured faster on few CPU ranks)")
     o.add_argument("--distill-weight", type=float, default=None,
                    help="weight of the distillation term (default 1.0, as open_clip's DistillClipLoss)")
     o.add_argument("--image-lr-decay", type=float, default=1.0, metavar="D",

@@ -21,10 +21,6 @@ from models.towers import lock_tower
 
 log = logging.getLogger("clip")
 
-# How the sigmoid loss's text rows reach every rank (engine.dist.visit_blocks). The ring holds two
-# blocks at a time whatever the world size, and measured as fast as the gather here
-# (tests/benchmarks/bench_recipes.py, docs/benchmarks.md).
-SIGMOID_EXCHANGE = "ring"
 
 
 def prepare_logits(model, loss: str) -> None:
@@ -79,7 +75,7 @@ class Recipe:
     def loss_fn(self):
         cfg, s = self.cfg, self.s
         if s.loss == "siglip":
-            return SigmoidLoss(functools.partial(dist.visit_blocks, how=SIGMOID_EXCHANGE), dist.rank(),
+            return SigmoidLoss(functools.partial(dist.visit_blocks, how=s.sigmoid_exchange), dist.rank(),
                                s.sigmoid_chunk or None, cfg.local_loss, dist.all_reduce_sum_with_grad,
                                dist.world_size())
         if self.teacher is not None:

@@ -17,6 +17,7 @@ from data.files import InputError
 class RecipeSettings:
     loss: str = "clip"                      # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
     sigmoid_chunk: int = 0                  # text rows per chunk of the sigmoid loss; 0 = one rank's
+    sigmoid_exchange: str = "ring"          # how its text rows reach every rank (engine.dist.visit_blocks)
     distill_from: Optional[str] = None      # teacher weights (anything --init-from takes)
     distill_model: Optional[str] = None     # its configs when the weights do not carry them
     distill_text_model: Optional[str] = None
@@ -86,6 +87,8 @@ def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
     from models.config import load_text_config, load_vision_config
     if args.sigmoid_chunk < 0 or (args.sigmoid_chunk and args.loss != "siglip"):
         raise InputError("--sigmoid-chunk must be >= 0 and applies to --loss siglip only")
+    if args.sigmoid_exchange != "ring" and args.loss != "siglip":
+        raise InputError("--sigmoid-exchange applies to --loss siglip only")
     _check_distillation(args)
     lock_image = args.lock_image or args.freeze_image_tower  # the old flag: the whole tower, projection too
     _check_lock(args, "image", load_vision_config(args.model).vision_layers, lock_image)
@@ -98,7 +101,8 @@ def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
         if not 0 < d <= 1:
             raise InputError(f"{flag} must be in (0, 1], got {d}")
     return RecipeSettings(
-        loss=args.loss, sigmoid_chunk=args.sigmoid_chunk, distill_from=args.distill_from,
+        loss=args.loss, sigmoid_chunk=args.sigmoid_chunk, sigmoid_exchange=args.sigmoid_exchange,
+        distill_from=args.distill_from,
         distill_model=args.distill_model, distill_text_model=args.distill_text_model,
         distill_weight=1.0 if args.distill_weight is None else args.distill_weight,
         distill_device=_device_or_refuse(args.distill_device) if args.distill_device else None,

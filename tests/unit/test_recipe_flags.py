@@ -23,6 +23,7 @@ def test_defaults_and_the_alias(files):  # noqa: F811
     assert (r.loss, r.lock_image, r.lock_text, r.image_lr_decay, r.distill_from) == ("clip", False, False, 1.0, None)
     r = cfg_of(files, ds(files), "--freeze-image-tower").recipe
     assert r.lock_image and r.lock_image_proj and r.lock_image_unlocked_layers == 0
+    assert cfg_of(files, ds(files), "--loss", "siglip").recipe.sigmoid_exchange == "ring"
     r = cfg_of(files, ds(files), "--loss", "siglip", "--sigmoid-chunk", "64", "--lock-text",
                "--lock-text-unlocked-layers", "2", "--image-lr-decay", "0.85", "--text-lr-decay", "0.75").recipe
     assert (r.loss, r.sigmoid_chunk, r.lock_text_unlocked_layers, r.image_lr_decay, r.text_lr_decay) == \
@@ -31,6 +32,7 @@ def test_defaults_and_the_alias(files):  # noqa: F811
 
 @pytest.mark.parametrize("flags,message", [
     (["--sigmoid-chunk", "8"], "--sigmoid-chunk must be >= 0 and applies to --loss siglip only"),
+    (["--sigmoid-exchange", "gather"], "--sigmoid-exchange applies to --loss siglip only"),
     (["--distill-weight", "0.5"], "--distill-weight applies to distillation: add --distill-from MODEL"),
     (["--distill-device", "cpu"], "--distill-device applies to distillation"),
     (["--distill-from", "absent.pt"], "--distill-from absent.pt: no such file or directory"),
