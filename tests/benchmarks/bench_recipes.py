@@ -33,19 +33,19 @@ sys.path.insert(0, str(REPO))
 IMPLS = ("ours_ring", "ours_gather", "open_clip_bidir", "open_clip_gather")
 
 
-def _loss_fn(impl: str, rank: int, world: int):
+def _loss_fn(impl: str, rank: int, world: int, chunk=None):
     from engine import dist
     from models.sigmoid_loss import SigmoidLoss
 
     if impl.startswith("ours_"):
         how = impl.split("_")[1]
-        return SigmoidLoss(lambda t, f, g: dist.visit_blocks(t, f, g, how=how), rank)
+        return SigmoidLoss(lambda t, f, g: dist.visit_blocks(t, f, g, how=how), rank, chunk)
     from open_clip.loss import SigLipLoss
 
     return SigLipLoss(rank=rank, world_size=world, dist_impl=impl.split("_")[-1])
 
 
-def _siglip_rank(rows: int, dim: int, repeats: int, out: str) -> None:
+def _siglip_rank(rows: int, dim: int, repeats: int, out: str, chunk=None) -> None:
     """One rank of part 1 (run by run_ranks)."""
     import torch
     from torch.nn import functional as F
@@ -62,7 +62,7 @@ def _siglip_rank(rows: int, dim: int, repeats: int, out: str) -> None:
     res = {}
     for impl in IMPLS:
         try:
-            loss_fn = _loss_fn(impl, rank, world)
+            loss_fn = _loss_fn(impl, rank, world, chunk)
         except ImportError:
             continue
 
@@ -81,17 +81,18 @@ def _siglip_rank(rows: int, dim: int, repeats: int, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
 
 
-def siglip(rows: int, dim: int, worlds, repeats: int) -> list:
+def siglip(rows: int, dim: int, worlds, repeats: int, chunk=None) -> list:
     from tests.ranks import assert_all_ok, run_ranks
 
     table = []
     for world in worlds:
         with tempfile.TemporaryDirectory() as out:
             assert_all_ok(run_ranks([__file__, "--part", "_siglip_rank", "--rows", str(rows), "--dim", str(dim),
-                                     "--repeats", str(repeats), "--out", out], world_size=world, timeout=1800))
+                                     "--repeats", str(repeats), "--out", out] + (["--chunk", str(chunk)] if chunk else []),
+                                    world_size=world, timeout=1800))
             ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
         for impl in ranks[0]:
-            table.append({"world": world, "impl": impl, "rows": rows, "dim": dim,
+            table.append({"world": world, "impl": impl, "rows": rows, "dim": dim, "chunk": chunk,
                           "peak_mb": max(r[impl]["peak_bytes"] for r in ranks) / 2 ** 20,
                           "ms": 1000 * max(r[impl]["seconds"] for r in ranks)})
     return table
@@ -143,6 +144,7 @@ def main() -> int:
     p.add_argument("--part", choices=("all", "siglip", "lock", "_siglip_rank"), default="all")
     p.add_argument("--rows", type=int, default=512, help="siglip: rows (local batch) per rank")
     p.add_argument("--dim", type=int, default=256, help="siglip: feature size")
+    p.add_argument("--chunk", type=int, default=None, help="siglip: our loss's text rows per chunk (default: a rank's)")
     p.add_argument("--worlds", default="2,4,8", help="siglip: world sizes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="64,128", help="lock: batch sizes")
@@ -153,14 +155,15 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
     if a.part == "_siglip_rank":
-        _siglip_rank(a.rows, a.dim, a.repeats, a.out)
+        _siglip_rank(a.rows, a.dim, a.repeats, a.out, a.chunk)
         return 0
     if a.smoke:
         a.rows, a.dim, a.worlds, a.repeats, a.batches, a.steps, a.warmup = 16, 8, "2", 1, "8", 2, 1
     results = {"load_average_start": os.getloadavg()}
     if a.part in ("all", "siglip"):
-        table = results["siglip"] = siglip(a.rows, a.dim, [int(w) for w in a.worlds.split(",")], a.repeats)
-        print(f"\nsigmoid loss, forward + backward, {a.rows} rows x {a.dim} per rank (peak: the most CPU tensor "
+        table = results["siglip"] = siglip(a.rows, a.dim, [int(w) for w in a.worlds.split(",")], a.repeats, a.chunk)
+        print(f"\nsigmoid loss, forward + backward, {a.rows} rows x {a.dim} per rank, our chunks of "
+              f"{a.chunk or a.rows} text rows (peak: the most CPU tensor "
               "memory alive at once on any rank; time: the slowest rank's median)\n\n"
               "| ranks | loss | peak MB per rank | ms |\n|---|---|---|---|")
         for r in table:
