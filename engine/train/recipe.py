@@ -88,8 +88,8 @@ class Recipe:
         scalars = {f"train/loss_{name}": v / window.steps for name, v in window.parts.items()}
         text = "".join(f" {name} {v / window.steps:.4f}" for name, v in window.parts.items())
         if self.teacher is not None:
-            per_step = self.teacher.take_seconds() / window.steps
-            share = per_step * window.steps / window.seconds if window.seconds > 0 else 0.0
+            seconds = self.teacher.take_seconds()  # this rank's teacher, in the window's steps
+            per_step, share = seconds / window.steps, seconds / window.seconds if window.seconds > 0 else 0.0
             text += f" teacher {per_step:.3g} s/step ({100 * share:.0f}% of the step)"
             scalars["train/teacher_s_per_step"] = per_step
         return text, {**scalars, **tower_lr_scalars(self.groups, lrs)}

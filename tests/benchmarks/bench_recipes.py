@@ -87,9 +87,9 @@ def siglip(rows: int, dim: int, worlds, repeats: int, chunk=None) -> list:
     table = []
     for world in worlds:
         with tempfile.TemporaryDirectory() as out:
-            assert_all_ok(run_ranks([__file__, "--part", "_siglip_rank", "--rows", str(rows), "--dim", str(dim),
-                                     "--repeats", str(repeats), "--out", out] + (["--chunk", str(chunk)] if chunk else []),
-                                    world_size=world, timeout=1800))
+            argv = [__file__, "--part", "_siglip_rank", "--rows", str(rows), "--dim", str(dim), "--repeats",
+                    str(repeats), "--out", out] + (["--chunk", str(chunk)] if chunk else [])
+            assert_all_ok(run_ranks(argv, world_size=world, timeout=1800))
             ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
         for impl in ranks[0]:
             table.append({"world": world, "impl": impl, "rows": rows, "dim": dim, "chunk": chunk,

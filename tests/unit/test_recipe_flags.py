@@ -128,7 +128,8 @@ def test_a_resume_refuses_a_changed_recipe():
     run = lambda sig: RunShape(1, 8, 1, 100, 0, "fp32", "global", sig)  # noqa: E731
     saved = {**run(saved_sig).record(), "zero_stage": 0, "precision": "fp32"}
     check(saved, run(saved_sig), "ckpt")  # the same recipe resumes
-    check(saved, run(RecipeSettings(lock_image=True, distill_from="t.pt").state_signature()), "ckpt")  # teacher may change
+    teacher = RecipeSettings(lock_image=True, distill_from="t.pt")  # the teacher may change
+    check(saved, run(teacher.state_signature()), "ckpt")
     with pytest.raises(InputError, match="saved with lock_image=True, this run asks lock_image=False"):
         check(saved, run(RecipeSettings().state_signature()), "ckpt")
     old = {k: v for k, v in saved.items() if k != "recipe"}  # a checkpoint from before recipes
