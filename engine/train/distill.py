@@ -48,14 +48,15 @@ class Teacher:
         if first_on_cuda:  # its activations' peak, once: the parameters are known from the start
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        x = pixels.to(self.device, non_blocking=True).float()
+        to_gpu = self.device.type == "cuda"  # a non-blocking copy to the host could be read before it lands
+        x = pixels.to(self.device, non_blocking=to_gpu).float()
         if self._renorm is not None:
             x = x * self._renorm[0] + self._renorm[1]
         if x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True)
         image = self.model.encode_image(x.to(self.dtype))
-        text = self.model.encode_text(input_ids.to(self.device, non_blocking=True))
+        text = self.model.encode_text(input_ids.to(self.device, non_blocking=to_gpu))
         out = {"teacher_image_features": image.float().to(home), "teacher_text_features": text.float().to(home),
                "teacher_logit_scale": self.model.scale().float().to(home)}
         if self.device.type == "cuda":  # its work is queued: count it in its own time
