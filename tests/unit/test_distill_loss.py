@@ -1,7 +1,7 @@
 """Distillation's loss (models.loss.DistillLoss) against open_clip 3.3's DistillClipLoss on the same
 features and scales: both terms within 1e-6, and the student's gradients; a teacher whose embedding
 size differs from the student's works (the logits are batch x batch either way). The 2-rank check
-is in tests/dist/test_distill_loss.py."""
+is in tests/dist/test_distill_loss_ranks.py."""
 import pytest
 import torch
 from torch.nn import functional as F

@@ -1,7 +1,7 @@
 """The chunked sigmoid loss (models.sigmoid_loss) in one process: loss and every gradient equal
 open_clip 3.3's SigLipLoss for any chunk size; it keeps no logits for backward (only its inputs) and
 its peak memory follows the chunk, not the batch. The 2- and 4-rank checks are in
-tests/dist/test_sigmoid_loss.py."""
+tests/dist/test_sigmoid_loss_ranks.py."""
 import pytest
 import torch
 from torch.nn import functional as F
