@@ -56,6 +56,9 @@ class StepResult:
     parts: Optional[Dict[str, float]] = None  # the loss's named parts (loss_fn.parts), mean over ranks
 
 
+_FIRST = ("image_features", "text_features", "logit_scale")  # what every loss takes, in this order
+
+
 def _is_rows(name: str) -> bool:
     """Outputs with one row per sample (split by micro-batch); the others are step-wide scalars."""
     return name.endswith("_features")
@@ -84,8 +87,8 @@ class ContrastiveStep:
     """Runs forward/backward/step for one optimizer step on a DeepSpeed engine (or any object with
     the same __call__/backward/step interface, for tests).
 
-    loss_fn(**outputs) -> scalar, called with the model's outputs by name (image_features,
-    text_features, logit_scale, and logit_bias when the model has one) plus the teacher's, e.g.
+    loss_fn(image_features, text_features, logit_scale, **more) -> scalar, where `more` holds the
+    model's other outputs by name (logit_bias when the model has one) and the teacher's, e.g.
     ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=True). Outputs are cast
     to fp32 before the loss: the softmax over a large batch is where bf16/fp16 would lose the most.
     A loss that sets `parts` (a dict of 0-dim tensors) has them averaged over ranks into the result.
@@ -122,6 +125,11 @@ class ContrastiveStep:
         pixels, ids = _model_inputs(micro_batch)
         return (self.teacher(pixels, ids) if self.teacher is not None else {}), (pixels, ids)
 
+    def _loss(self, outputs: Dict[str, torch.Tensor], extra: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """loss_fn(image_features, text_features, logit_scale, **the other outputs and the teacher's)."""
+        rest = {name: v for name, v in outputs.items() if name not in _FIRST}
+        return self.loss_fn(*(outputs[name] for name in _FIRST), **rest, **extra)
+
     def run(self, micro_batches: Sequence[object]) -> StepResult:
         assert len(micro_batches) == self.k, f"expected {self.k} micro-batches, got {len(micro_batches)}"
         return self._run_exact(micro_batches) if self.exact else self._run_direct(micro_batches)
@@ -131,7 +139,7 @@ class ContrastiveStep:
         for mb in micro_batches:
             extra, (pixels, ids) = self._inputs(mb)
             out = self.engine(pixels, ids)
-            loss = self.loss_fn(**{name: v.float() for name, v in out.items()}, **extra)
+            loss = self._loss({name: v.float() for name, v in out.items()}, extra)
             value, named = self._check_finite(loss)
             losses.append(value)
             parts.append(named)
@@ -159,7 +167,7 @@ class ContrastiveStep:
                   .requires_grad_(True) for name in outs[0]}
         constants = {name: torch.cat([e[name] for e in extras]) if _is_rows(name) else extras[-1][name]
                      for name in extras[0]}
-        loss = self.loss_fn(**leaves, **constants)
+        loss = self._loss(leaves, constants)
         value, parts = self._check_finite(loss)
         loss.backward()  # through the loss and its collectives only: cheap
         grads = {name: (leaf.grad.split(rows) if _is_rows(name) else leaf.grad) for name, leaf in leaves.items()}
