@@ -143,8 +143,13 @@ def test_log_step_reports_tflops_and_mfu(caplog):
                                 ds=types.SimpleNamespace(precision="bf16", global_batch=64))
     rate = Throughput(_tiny(), cfg)
     rate.peak = 100.0  # as on a device in the peak table
-    fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0), cfg=cfg,
-                                 rate=rate, tb=TB(), _loss_scale=lambda: None)
+    from engine.train.recipe import Recipe
+    from engine.train.recipe_settings import RecipeSettings
+    from engine.train.trainer import _LogWindow
+
+    fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [1e-3]),
+                                 cfg=cfg, rate=rate, tb=TB(), _loss_scale=lambda: None, _window=_LogWindow(),
+                                 recipe=Recipe(types.SimpleNamespace(recipe=RecipeSettings())))
     with caplog.at_level(logging.INFO, logger="clip"):
         Trainer._log_step(fake, 10, 100, 0, 1.5, 1e-3, 14.3, None, n_steps=4, elapsed=2.0)
     per_sample = flops.clip_sample_flops(load_vision_config("ViT-tiny-test"), load_text_config("BERT-tiny-test"),
