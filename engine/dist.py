@@ -40,12 +40,10 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def use_checkout_extensions_dir() -> Path:
-    """Make this checkout's folder the default TORCH_EXTENSIONS_DIR (one set by the user wins), and
-    return the folder in use. Joining through DeepSpeed loads its CPU comm op, JIT-built into that
-    folder; torch's default is one folder per user, where two checkouts with their own venvs compile
-    the op from different paths and rebuild each other's build at every launch (minutes, in silence).
-    One subfolder per interpreter prefix: the sources are found under it (the `deepspeed` launcher's
-    shebang may name another path to the same venv), and a build from other paths is redone."""
+    """Make this checkout's folder the default TORCH_EXTENSIONS_DIR (the user's wins); return the one in
+    use. A DeepSpeed join JIT-builds its CPU comm op there; in torch's one folder per user, checkouts
+    with their own venvs rebuild each other's build at every launch. One subfolder per interpreter
+    prefix: a build records the source path, and the launcher's shebang may name another venv path."""
     tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
     default = CHECKOUT / ".torch_extensions" / f"{Path(sys.prefix).name}-{tag}"
     return Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default)))
@@ -249,11 +247,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ws = tdist.get_world_size()
         ctx.rank, ctx.rows = tdist.get_rank(), tensor.shape[0]
-        out = [torch.empty_like(tensor) for _ in range(ws)]
-        tdist.all_gather(out, tensor.contiguous())
-        return torch.cat(out, dim=0)
+        return all_gather_no_grad(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -266,9 +261,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' rows concatenated in rank order, differentiable. Every rank must pass the same
     number of rows (the samplers drop the ragged tail so this holds)."""
-    if world_size() == 1:
-        return tensor
-    return _AllGatherWithGrad.apply(tensor)
+    return tensor if world_size() == 1 else _AllGatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()
@@ -334,3 +327,71 @@ def shard_range(n: int, rank_: Optional[int] = None, world: Optional[int] = None
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+# --- the sigmoid loss's exchange of text rows (models.sigmoid_loss) -------------------------------
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """The sum over ranks; each rank's input gets the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor.clone().contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.clone().contiguous())
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable (every rank's share of a loss made into the full loss)."""
+    return tensor if world_size() == 1 else _AllReduceSumWithGrad.apply(tensor)
+
+
+def _shift_right(tensor: torch.Tensor, tag: int):
+    """Post: send to the next rank, receive the previous rank's; (buffer, requests to wait on)."""
+    ws, r, recv = world_size(), rank(), torch.empty_like(tensor)
+    return recv, tdist.batch_isend_irecv([tdist.P2POp(tdist.isend, tensor, (r + 1) % ws, tag=tag),
+                                          tdist.P2POp(tdist.irecv, recv, (r - 1) % ws, tag=tag)])
+
+
+def _visit_ring(local: torch.Tensor, fn, with_grad: bool) -> Optional[torch.Tensor]:
+    """Blocks move one rank to the right per step, the next transfer overlapping this step's work; a
+    block's gradient travels with it (tag 12, the blocks' is 11), each rank adding its share, and one
+    step after the full turn every sum is home. Two blocks and two gradients in memory, whatever W."""
+    ws, r = world_size(), rank()
+    block, grad_in, grad_reqs, sent = local.contiguous(), None, [], None
+    for t in range(ws):
+        nxt, reqs = _shift_right(block, 11) if t < ws - 1 else (None, [])
+        grad = fn((r - t) % ws, block)
+        if with_grad:
+            for q in grad_reqs:  # the block's gradient from the ranks it visited before
+                q.wait()
+            sent = (grad if grad_in is None else grad + grad_in).contiguous()  # alive until sent
+            grad_in, grad_reqs = _shift_right(sent, 12)
+        for q in reqs:
+            q.wait()
+        block = block if nxt is None else nxt
+    for q in grad_reqs:
+        q.wait()
+    return grad_in
+
+
+def _visit_gathered(local: torch.Tensor, fn, with_grad: bool) -> Optional[torch.Tensor]:
+    """All blocks gathered at once (memory: every rank's rows); gradients summed by one all-reduce."""
+    ws, r, n = world_size(), rank(), local.shape[0]
+    blocks, grads = all_gather_no_grad(local).split(n), [None] * ws
+    for q in ((r - t) % ws for t in range(ws)):  # the ring's order: both sum the loss alike
+        grads[q] = fn(q, blocks[q])
+    return all_reduce_sum(torch.cat(grads))[r * n:(r + 1) * n] if with_grad else None
+
+
+def visit_blocks(local: torch.Tensor, fn, with_grad: bool, how: str = "ring") -> Optional[torch.Tensor]:
+    """Show this rank every rank's `local` block (equal shapes everywhere): fn(owner, block) once per
+    block, its own first. with_grad: fn returns the gradient for the block it was shown; the result
+    is this rank's own block's gradient summed over all ranks. how: "ring" or "gather"."""
+    if how not in ("ring", "gather"):
+        raise ValueError(f"how must be 'ring' or 'gather', got {how!r}")
+    if world_size() == 1:
+        return fn(0, local)
+    return (_visit_ring if how == "ring" else _visit_gathered)(local, fn, with_grad)

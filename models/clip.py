@@ -1,5 +1,6 @@
 """The dual encoder. Attribute (and so state-dict) names follow Chinese-CLIP: `visual` (OpenAI ViT layout),
-`bert` (BertModel without pooler), `text_projection` [text_hidden, embed_dim], `logit_scale`."""
+`bert` (BertModel without pooler), `text_projection` [text_hidden, embed_dim], `logit_scale`; and `logit_bias`
+[1] only in a model trained with the sigmoid loss (models.sigmoid_loss)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from transformers import BertConfig
 
 from .config import load_text_config, load_vision_config
+from .sigmoid_loss import SIGMOID_LOGIT_BIAS_INIT, SIGMOID_LOGIT_SCALE_INIT
 from .text import build_bert, cls_hidden, set_bert_checkpointing
 from .vit import VisionConfig, VisionTransformer
 
@@ -31,6 +33,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=text.hidden_size ** -0.5)
         # Shape [1], not a 0-dim scalar: DeepSpeed 0.19.8 cannot flatten 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.full([1], LOGIT_SCALE_INIT))
+        self.register_parameter("logit_bias", None)  # add_logit_bias(): the sigmoid loss's bias
         self.set_grad_checkpointing(grad_checkpointing)
 
     @property
@@ -54,6 +57,20 @@ class CLIP(nn.Module):
         for p in self.visual.parameters():
             p.requires_grad_(False)
 
+    def add_logit_bias(self, value: float = SIGMOID_LOGIT_BIAS_INIT) -> None:
+        """Give the model the sigmoid loss's learnable bias (shape [1], state-dict key `logit_bias`)."""
+        self.logit_bias = nn.Parameter(torch.full([1], float(value), device=self.logit_scale.device))
+
+    def start_sigmoid_logits(self) -> None:
+        """SigLIP's starting point for its logits: a bias of -10 and a scale of 10 (a softmax-trained
+        temperature, often 100, with that bias would call every pair a match at first)."""
+        self.add_logit_bias()
+        with torch.no_grad():
+            self.logit_scale.fill_(SIGMOID_LOGIT_SCALE_INIT)
+
+    def drop_logit_bias(self) -> None:
+        self.logit_bias = None
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """pixels: float [B, 3, R, R], already normalised with the image mean/std -> [B, embed_dim]."""
         feats = self.visual(pixels)
@@ -74,11 +91,14 @@ class CLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        return {
+        out = {
             "image_features": self.encode_image(images),
             "text_features": self.encode_text(input_ids, attention_mask),
             "logit_scale": self.scale(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
 
 def build_clip(vision: Union[str, Path, VisionConfig] = "ViT-B-16",

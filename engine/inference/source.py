@@ -241,7 +241,7 @@ def open_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
                  "resize": resize}
     _check_context(int(context), text)
     if state is not None:
-        check_architecture(state, expected_state(vision, text), str(path))
+        check_architecture(state, expected_state(vision, text, logit_bias="logit_bias" in state), str(path))
     return ModelSource(path, state, vision, text, tokenizer, int(context), image,
                        vocab_path=Path(vocab_file(vocab)) if vocab else (desc.vocab_path if desc else None),
                        vocab_text=desc.vocab_text if desc else None, record=record, report=report)
@@ -258,6 +258,8 @@ def load_weights_into(model, weights: str, flags: Flags = TRAIN_FLAGS) -> str:
         raise InputError(f"{path}: its {desc.what} says vision {desc.vision.to_dict()}, text "
                          f"{_arch(desc.text)}; the model is vision {model.vision_config.to_dict()}, text "
                          f"{_arch(model.text_config)}")
+    if "logit_bias" in state and model.logit_bias is None:
+        model.add_logit_bias()  # trained with the sigmoid loss: the recipe keeps or drops the bias
     check_architecture(state, model.state_dict(), str(path))
     model.load_state_dict(state, strict=True)
     return str(report)

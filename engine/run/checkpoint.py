@@ -212,13 +212,14 @@ def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path], universal: b
     rng_dir (the tag's folder; None: not restored); returns the client_state saved with it.
     `universal`: the tag is DeepSpeed's universal form (another world size, engine.run.resume)."""
     zero3_universal = universal and engine.zero_optimization_stage() == 3
-    decay = [g["weight_decay"] for g in engine.optimizer.optimizer.param_groups] if zero3_universal else None
+    own = [{k: g[k] for k in ("weight_decay", "initial_lr") if k in g}
+           for g in engine.optimizer.optimizer.param_groups] if zero3_universal else None
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise InputError(f"could not load checkpoint {Path(load_dir) / tag}")
     if zero3_universal:
-        _repair_zero3_universal_load(engine.optimizer.optimizer, decay)
+        _repair_zero3_universal_load(engine.optimizer.optimizer, own)
     if rng_dir is None:
         return client_state or {}
     rng_file = Path(rng_dir) / f"rng_rank{dist.rank()}.pt"
@@ -229,7 +230,7 @@ def load(engine, load_dir: Path, tag: str, rng_dir: Optional[Path], universal: b
     return client_state or {}
 
 
-def _repair_zero3_universal_load(base_optimizer, weight_decay) -> None:
+def _repair_zero3_universal_load(base_optimizer, own_settings) -> None:
     """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load
     (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), found by comparing a 2 -> 1 rank
     resume with the uninterrupted run step by step:
@@ -238,13 +239,17 @@ def _repair_zero3_universal_load(base_optimizer, weight_decay) -> None:
       no-decay group) the bias correction runs ahead, and those weights ended ~2 % off after one
       step. Each state gets its own copy.
     - it copies param group 0's hyperparameters into every group, so the no-decay group would get
-      weight decay. Each group gets back its own (`weight_decay`, read before the load: the only
-      hyperparameter our groups differ in, engine.train.optim.param_groups)."""
+      weight decay. Each group gets back its own (read before the load: `weight_decay`, and under
+      layer-wise lr decay its `initial_lr`, with the loaded rate scaled by the same ratio: what our
+      groups differ in, engine.train.optim.param_groups)."""
     for state in base_optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    for group, wd in zip(base_optimizer.param_groups, weight_decay):
-        group["weight_decay"] = wd
+    for group, own in zip(base_optimizer.param_groups, own_settings):
+        group["weight_decay"] = own["weight_decay"]
+        loaded_lr, loaded_initial = group.get("lr"), group.get("initial_lr")
+        if loaded_lr is not None and loaded_initial and own.get("initial_lr"):
+            group["lr"], group["initial_lr"] = loaded_lr * own["initial_lr"] / loaded_initial, own["initial_lr"]
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from data.files import InputError, atomic_write
 from engine import dist
@@ -51,6 +51,7 @@ class RunShape:
     precision: str
     sampling: str = "global"  # or "shard-local" (data.sampler)
     mixture: Tuple = ()  # [pairs, weight] per source of a mixture of data sets (engine.loader.mixture)
+    recipe: Optional[Dict[str, Any]] = None  # loss, locks, lr decay (engine.train.recipe_settings)
 
     @property
     def global_batch(self) -> int:
@@ -60,7 +61,8 @@ class RunShape:
         """The fields a checkpoint's client_state keeps (Trainer.save)."""
         return {"world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
                 "train_pairs": self.train_pairs, "zero_stage": self.zero_stage, "precision": self.precision,
-                "sampling": self.sampling, "mixture": [list(m) for m in self.mixture]}
+                "sampling": self.sampling, "mixture": [list(m) for m in self.mixture],
+                **({"recipe": self.recipe} if self.recipe is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,13 @@ def check(saved: Dict[str, Any], run: RunShape, where: str) -> None:
         log.warning("--resume %s: the checkpoint does not record its ZeRO stage and precision (saved by an older "
                     "version); assuming ZeRO %d %s as this run asks (a mismatch fails inside DeepSpeed)",
                     where, run.zero_stage, run.precision)
+    changed = {k: (v, run.recipe.get(k)) for k, v in saved.get("recipe", {}).items()
+               if run.recipe is not None and run.recipe.get(k) != v}  # checkpoints from before: no record
+    if changed:
+        refuse("saved with " + ", ".join(f"{k}={old}" for k, (old, _) in changed.items()) + ", this run asks " +
+               ", ".join(f"{k}={new}" for k, (_, new) in changed.items()) + " (the model's and optimizer's state "
+               "depend on the loss, the locked towers and the lr decay)", "resume with the saved settings, or " +
+               NEW_RUN_HINT.replace("to change it, ", ""))
     old = RunShape(int(saved["world_size"]), int(saved["micro_batch"]), int(saved["grad_accum"]),
                    int(saved["train_pairs"]), run.zero_stage, run.precision)
     split = lambda s: f"{s.micro_batch} x {s.grad_accum} x {s.world_size} ranks"  # noqa: E731

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from data.files import InputError, atomic_write
 from engine.train.ds_settings import DSSettings, load_ds_settings
+from engine.train.recipe_settings import RecipeSettings, recipe_settings
 from engine.train.speed import SpeedSettings, speed_settings
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     ds: DSSettings
     speed: SpeedSettings = SpeedSettings()
     train_mixture: Tuple[Tuple[str, float], ...] = ()  # (built data set, weight) per source of a mixture
+    recipe: RecipeSettings = RecipeSettings()  # loss, distillation, locked towers, layer-wise lr decay
 
     @property
     def run_dir(self) -> Path:
@@ -250,7 +252,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         export_hf=args.export_hf, overwrite=args.overwrite,
         val_every_steps=args.val_every_steps, log_every_steps=args.log_every_steps,
         dist_timeout=args.dist_timeout, world_size=ws, ds=ds, speed=speed_settings(args),
-        train_mixture=tuple(sources) if len(sources) > 1 else ())
+        train_mixture=tuple(sources) if len(sources) > 1 else (), recipe=recipe_settings(args))
 
 
 def write_config(cfg: TrainConfig, extra: Optional[Dict[str, Any]] = None) -> Path:

@@ -45,8 +45,28 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--init-from", default=None,
                    help="whole-model init: our model_fp32.pt or its run dir (its record gives the model flags), "
                         "an HF ChineseCLIP folder, or a Chinese-CLIP .pt")
-    m.add_argument("--freeze-image-tower", action="store_true", help="train the text tower only")
+    m.add_argument("--freeze-image-tower", action="store_true",
+                   help="the whole image tower frozen, projection included (= --lock-image --lock-image-proj)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    # locked towers and distillation: checked and built in engine/train/recipe.py
+    m.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT): embeddings, blocks "
+                   "and norms; its projection still trains unless --lock-image-proj")
+    m.add_argument("--lock-image-unlocked-layers", type=int, default=0, metavar="N",
+                   help="with --lock-image: its last N blocks train, and the norm after them")
+    m.add_argument("--lock-image-proj", action="store_true", help="with --lock-image: freeze its projection too")
+    m.add_argument("--lock-text", action="store_true", help="freeze the text tower: embeddings and blocks; "
+                   "text_projection still trains unless --lock-text-proj")
+    m.add_argument("--lock-text-unlocked-layers", type=int, default=0, metavar="N",
+                   help="with --lock-text: its last N blocks train")
+    m.add_argument("--lock-text-proj", action="store_true", help="with --lock-text: freeze text_projection too")
+    m.add_argument("--distill-from", default=None, metavar="MODEL", help="distil from this trained model "
+                   "(anything --init-from takes), frozen, run in the training precision; --loss clip only")
+    m.add_argument("--distill-model", default=None, help="the teacher's vision config when its weights carry "
+                   "none (a Chinese-CLIP checkpoint)")
+    m.add_argument("--distill-text-model", default=None, help="the teacher's text config when its weights "
+                   "carry none")
+    m.add_argument("--distill-device", default=None, help="run the teacher on this device (cpu, cuda:1, ...; "
+                   "default: the training device)")
 
 
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
@@ -63,6 +83,22 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
                       help="(default) each rank scores its own rows against all gathered columns")
     loss.add_argument("--global-loss", dest="local_loss", action="store_false",
                       help="every rank scores the full gathered batch (memory quadratic in the global batch)")
+    o.add_argument("--loss", choices=("clip", "siglip"), default="clip",
+                   help="clip: softmax InfoNCE; siglip: pairwise sigmoid loss with a learnt bias, exact over "
+                        "the global batch in chunks")
+    o.add_argument("--sigmoid-chunk", type=int, default=0, metavar="ROWS",
+                   help="with --loss siglip: text rows per chunk of logits (memory per rank: its rows x ROWS; "
+                        "default: one rank's rows of the step)")
+    o.add_argument("--sigmoid-exchange", choices=("ring", "gather"), default="ring",
+                   help="with --loss siglip: text rows pass rank to rank (memory flat in the number of ranks) "
+                        "or are all gathered at once (memory grows with it; measured faster on few CPU ranks)")
+    o.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the distillation term (default 1.0, as open_clip's DistillClipLoss)")
+    o.add_argument("--image-lr-decay", type=float, default=1.0, metavar="D",
+                   help="layer-wise lr decay in the image tower: layer l learns at lr x D^(depth - l), "
+                        "the embeddings slowest (EVA-CLIP's --visual-ld)")
+    o.add_argument("--text-lr-decay", type=float, default=1.0, metavar="D",
+                   help="layer-wise lr decay in the text tower (EVA-CLIP's --text-ld)")
     o.add_argument("--accumulation", choices=("exact", "plain"), default="exact",
                    help="with gradient_accumulation_steps > 1: 'exact' = negatives from every micro-batch "
                         "of the step (equals one k-times larger batch); 'plain' = each micro-batch on its "

@@ -1,18 +1,24 @@
-"""AdamW with the usual CLIP exemptions from weight decay, and warmup-then-cosine learning rates.
+"""AdamW with the usual CLIP exemptions from weight decay, layer-wise learning-rate decay per tower,
+and warmup-then-cosine learning rates.
 
 Decay shrinks weights towards zero; on a bias, a norm's gain, an embedding table or the logit
 temperature that is a pull towards a wrong value, not regularisation, so they get weight_decay 0
 (as in Chinese-CLIP and open_clip).
+
+Layer-wise decay (EVA-CLIP's --visual-ld / --text-ld, BEiT's layer decay): a tower's layer l of
+depth D (models.towers: 0 = embeddings, D = what follows the last block) learns at lr x d^(D - l),
+so the embeddings learn slowest and the top fastest; logit scale and bias at lr.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from engine.train.ops import jit_build_notice
+from models.towers import place_of, tower_depths
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +34,56 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return (param.ndim < 2 or "embedding" in lowered or "norm" in lowered or "logit_scale" in lowered)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    """Two AdamW groups over the trainable parameters (a frozen tower is left out entirely)."""
-    decay, exempt = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 layer_decay: Optional[Dict[str, float]] = None) -> List[Dict]:
+    """AdamW groups over the trainable parameters (a frozen one is left out entirely, so no optimizer
+    state exists for it). Without layer_decay: two groups, "decay" and "no_decay". With it
+    ({"image": d, "text": d}; a missing tower or 1.0 means no decay there): one pair per tower
+    layer, named "image.L03.decay" etc., each with "lr_scale" d^(depth - layer)."""
+    if not layer_decay or all(d == 1.0 for d in layer_decay.values()):
+        decay, exempt = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (exempt if no_decay(name, p) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                  {"params": exempt, "weight_decay": 0.0, "name": "no_decay"}]
+        return [g for g in groups if g["params"]]
+    depths, by_name = tower_depths(model), {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (exempt if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": exempt, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+        place = place_of(name, depths)
+        d = layer_decay.get(place.tower, 1.0) if place.tower else 1.0
+        scale = d ** (place.depth - place.layer)
+        key = (f"{place.tower}.L{place.layer:02d}" if place.tower else "other") + \
+            (".no_decay" if no_decay(name, p) else ".decay")
+        group = by_name.setdefault(key, {"params": [], "weight_decay": 0.0 if key.endswith("no_decay") else
+                                         weight_decay, "name": key, "lr_scale": scale})
+        group["params"].append(p)
+    # "other" (the logit scale, lr x 1) first: the log's and TensorBoard's train/lr read group 0
+    return [by_name[k] for k in sorted(by_name, key=lambda k: (not k.startswith("other"), k))]
+
+
+def describe_groups(groups: List[Dict], lr: float) -> List[str]:
+    """Log lines: each group's parameters, weight decay and learning rate."""
+    lines = [f"{len(groups)} parameter groups ({sum(p.numel() for g in groups for p in g['params']) / 1e6:.2f}M "
+             "trainable parameters):"]
+    for g in groups:
+        scale = g.get("lr_scale", 1.0)
+        lines.append(f"  {g['name']:<18} {sum(p.numel() for p in g['params']):>11,d} params  "
+                     f"wd {g['weight_decay']:g}  lr {lr * scale:.3g} (x{scale:.4g})")
+    return lines
+
+
+def tower_lr_scalars(groups: List[Dict], lrs: List[float]) -> Dict[str, float]:
+    """TensorBoard scalars of the learning rate of each tower layer (train/lr_image/L03, ...), from the
+    groups param_groups made and the optimizer's current rates in the same order; {} without decay."""
+    out = {}
+    for g, lr in zip(groups, lrs):
+        tower, _, rest = g["name"].partition(".")
+        if tower in ("image", "text"):
+            out[f"train/lr_{tower}/{rest.partition('.')[0]}"] = lr
+    return out
 
 
 def _apex_fused_adam():
@@ -57,8 +103,9 @@ def build_optimizer(groups: List[Dict], lr: float, on_gpu: bool, offload: bool) 
     GPU: apex FusedAdam, else DeepSpeed FusedAdam (JIT-built), else torch's fused AdamW.
     CPU: torch AdamW with its fused CPU kernel (no compile step).
     """
-    # DeepSpeed's optimizers take plain dict groups; drop our cosmetic "name" key for them.
-    plain = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    # DeepSpeed's optimizers take plain dict groups: drop our "name" key, turn "lr_scale" into "lr".
+    plain = [{**{k: v for k, v in g.items() if k not in ("name", "lr_scale")},
+              **({"lr": lr * g["lr_scale"]} if "lr_scale" in g else {})} for g in groups]
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

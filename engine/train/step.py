@@ -20,12 +20,17 @@ dL/ds ds/dtheta: the exact gradient of one k-times larger batch.
 
 k > 1, plain: each micro-batch's loss is backpropagated on its own (negatives from that micro-batch
 only). Cheaper and NOT equivalent to a larger batch; offered for comparison.
+
+The same holds for any loss of the model's outputs whose cross-rank parts flow through injected
+collectives with gradient: the sigmoid loss (models.sigmoid_loss; its `logit_bias` is a scalar like
+the logit scale) and distillation (models.loss.DistillLoss; the teacher's outputs are constants,
+made once per micro-batch in pass 1 and never again).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,6 +53,15 @@ class NonFiniteLoss(FloatingPointError):
 class StepResult:
     loss: float          # the step's loss (mean over ranks of the rank losses = the full-batch loss)
     logit_scale: float   # exp(logit_scale) as used in the loss
+    parts: Optional[Dict[str, float]] = None  # the loss's named parts (loss_fn.parts), mean over ranks
+
+
+_FIRST = ("image_features", "text_features", "logit_scale")  # what every loss takes, in this order
+
+
+def _is_rows(name: str) -> bool:
+    """Outputs with one row per sample (split by micro-batch); the others are step-wide scalars."""
+    return name.endswith("_features")
 
 
 @contextlib.contextmanager
@@ -73,13 +87,17 @@ class ContrastiveStep:
     """Runs forward/backward/step for one optimizer step on a DeepSpeed engine (or any object with
     the same __call__/backward/step interface, for tests).
 
-    loss_fn(image_features, text_features, logit_scale) -> scalar, e.g. ClipLoss(gather=
-    dist.all_gather_with_grad, rank=dist.rank(), local_loss=True). Features are cast to fp32 before
-    the loss: the softmax over a large batch is where bf16/fp16 would lose the most.
+    loss_fn(image_features, text_features, logit_scale, **more) -> scalar, where `more` holds the
+    model's other outputs by name (logit_bias when the model has one) and the teacher's, e.g.
+    ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=True). Outputs are cast
+    to fp32 before the loss: the softmax over a large batch is where bf16/fp16 would lose the most.
+    A loss that sets `parts` (a dict of 0-dim tensors) has them averaged over ranks into the result.
+    teacher(pixels, input_ids) -> {"teacher_image_features", ...}: constants for the loss, without grad.
     """
 
     def __init__(self, engine, loss_fn: Callable, grad_accum: int, exact: bool = True,
-                 step_index: Callable[[], int] = None, before_last_step: Callable[[], None] = None):
+                 step_index: Callable[[], int] = None, before_last_step: Callable[[], None] = None,
+                 teacher: Optional[Callable] = None):
         self.engine = engine
         self.loss_fn = loss_fn
         self.k = grad_accum
@@ -88,69 +106,83 @@ class ContrastiveStep:
         # Called after the last backward of the step, before its engine.step(): gradients are
         # complete (and, at ZeRO 0, averaged over ranks) then, e.g. for a grad-norm readout.
         self.before_last_step = before_last_step or (lambda: None)
+        self.teacher = teacher
 
-    def _check_finite(self, loss: torch.Tensor) -> float:
-        """The mean loss over ranks; every rank raises together if it is NaN/inf anywhere."""
-        total = dist.all_reduce_sum(loss.detach().float().reshape(1).clone())
-        value = total.item() / dist.world_size()
+    def _check_finite(self, loss: torch.Tensor):
+        """The mean loss (and loss parts) over ranks; every rank raises together if it is NaN/inf anywhere."""
+        parts = getattr(self.loss_fn, "parts", None) or {}
+        values = torch.stack([loss.detach().float().reshape(())] +
+                             [v.detach().float().reshape(()).to(loss.device) for v in parts.values()])
+        total = dist.all_reduce_sum(values) / dist.world_size()
+        value = total[0].item()
         if not torch.isfinite(total).all():
             raise NonFiniteLoss(f"loss is {value} at optimizer step {self.step_index() + 1}: stopping "
                                 "(weights of this step were not updated; lower --lr, or use bf16/fp32)")
-        return value
+        return value, ({name: v.item() for name, v in zip(parts, total[1:])} if parts else None)
+
+    def _inputs(self, micro_batch) -> Tuple[Dict[str, torch.Tensor], Batch]:
+        """The teacher's outputs for a micro-batch (none without a teacher), and the model's inputs."""
+        pixels, ids = _model_inputs(micro_batch)
+        return (self.teacher(pixels, ids) if self.teacher is not None else {}), (pixels, ids)
+
+    def _loss(self, outputs: Dict[str, torch.Tensor], extra: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """loss_fn(image_features, text_features, logit_scale, **the other outputs and the teacher's)."""
+        rest = {name: v for name, v in outputs.items() if name not in _FIRST}
+        return self.loss_fn(*(outputs[name] for name in _FIRST), **rest, **extra)
 
     def run(self, micro_batches: Sequence[object]) -> StepResult:
         assert len(micro_batches) == self.k, f"expected {self.k} micro-batches, got {len(micro_batches)}"
         return self._run_exact(micro_batches) if self.exact else self._run_direct(micro_batches)
 
     def _run_direct(self, micro_batches: Sequence[object]) -> StepResult:
-        losses, scale = [], 0.0
+        losses, parts, scale = [], [], 0.0
         for mb in micro_batches:
-            pixels, ids = _model_inputs(mb)
+            extra, (pixels, ids) = self._inputs(mb)
             out = self.engine(pixels, ids)
-            s = out["logit_scale"].float()
-            loss = self.loss_fn(out["image_features"].float(), out["text_features"].float(), s)
-            losses.append(self._check_finite(loss))
-            scale = s.detach().reshape(-1)[0].item()
+            loss = self._loss({name: v.float() for name, v in out.items()}, extra)
+            value, named = self._check_finite(loss)
+            losses.append(value)
+            parts.append(named)
+            scale = out["logit_scale"].detach().float().reshape(-1)[0].item()
             self.engine.backward(loss)
             if len(losses) == self.k:
                 self.before_last_step()
             self.engine.step()
-        return StepResult(sum(losses) / len(losses), scale)
+        mean_parts = ({name: sum(p[name] for p in parts) / len(parts) for name in parts[0]} if parts[0] else None)
+        return StepResult(sum(losses) / len(losses), scale, mean_parts)
 
     def _run_exact(self, micro_batches: Sequence[object]) -> StepResult:
         k = self.k
-        # pass 1: features of the whole step, no activations kept
-        rng, img, txt, rows = [], [], [], []
+        # pass 1: outputs of the whole step (and the teacher's), no activations kept
+        rng, outs, extras = [], [], []
         with torch.no_grad():
             for mb in micro_batches:
-                pixels, ids = _model_inputs(mb)
+                extra, (pixels, ids) = self._inputs(mb)
                 rng.append(_capture_rng())
-                out = self.engine(pixels, ids)
-                img.append(out["image_features"].float())
-                txt.append(out["text_features"].float())
-                rows.append(img[-1].shape[0])
-                scale_out = out["logit_scale"]
-        img_leaf = torch.cat(img).requires_grad_(True)
-        txt_leaf = torch.cat(txt).requires_grad_(True)
-        s_leaf = scale_out.detach().float().clone().requires_grad_(True)
-        loss = self.loss_fn(img_leaf, txt_leaf, s_leaf)
-        value = self._check_finite(loss)
-        loss.backward()  # through the loss and the gather only: cheap
-        g_img, g_txt = img_leaf.grad.split(rows), txt_leaf.grad.split(rows)
-        g_s = s_leaf.grad
+                outs.append({name: v.detach().float() for name, v in self.engine(pixels, ids).items()})
+                extras.append(extra)
+        rows = [o["image_features"].shape[0] for o in outs]
+        # leaves: the rows of every micro-batch concatenated, and the step-wide scalars (logit scale, bias)
+        leaves = {name: (torch.cat([o[name] for o in outs]) if _is_rows(name) else outs[-1][name].clone())
+                  .requires_grad_(True) for name in outs[0]}
+        constants = {name: torch.cat([e[name] for e in extras]) if _is_rows(name) else extras[-1][name]
+                     for name in extras[0]}
+        loss = self._loss(leaves, constants)
+        value, parts = self._check_finite(loss)
+        loss.backward()  # through the loss and its collectives only: cheap
+        grads = {name: (leaf.grad.split(rows) if _is_rows(name) else leaf.grad) for name, leaf in leaves.items()}
 
-        # pass 2: re-encode each micro-batch with grad and push the cached feature gradients in.
+        # pass 2: re-encode each micro-batch with grad and push the cached output gradients in.
         # (_replay_rng puts the outer RNG state back, so the run's RNG advances as in pass 1 only.)
         for j, mb in enumerate(micro_batches):
             pixels, ids = _model_inputs(mb)
             with _replay_rng(rng[j]):
                 out = self.engine(pixels, ids)
-            surrogate = ((out["image_features"].float() * g_img[j]).sum()
-                         + (out["text_features"].float() * g_txt[j]).sum())
-            if j == 0:  # the logit scale's gradient comes from the loss once per step
-                surrogate = surrogate + (out["logit_scale"].float() * g_s).sum()
+            # the scalars' gradients come from the loss once per step (j = 0)
+            surrogate = sum((out[name].float() * (g[j] if _is_rows(name) else g)).sum()
+                            for name, g in grads.items() if _is_rows(name) or j == 0)
             self.engine.backward(surrogate * k)  # DeepSpeed divides every backward by k
             if j == k - 1:
                 self.before_last_step()
             self.engine.step()
-        return StepResult(value, scale_out.detach().float().reshape(-1)[0].item())
+        return StepResult(value, outs[-1]["logit_scale"].reshape(-1)[0].item(), parts)

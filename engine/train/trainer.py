@@ -5,7 +5,6 @@ into argparse. Every collective goes through engine.dist; only rank 0 writes log
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import random
@@ -32,12 +31,13 @@ from engine.run.log import ScalarWriter, setup_logging
 from engine.train.config import TrainConfig, write_config
 from engine.train.faults import inject_test_fault
 from engine.train import ops
-from engine.train.optim import build_optimizer, param_groups, scheduler_factory
+from engine.train.optim import build_optimizer, scheduler_factory
+from engine.train.recipe import Recipe
 from engine.train.speed import Throughput
 from engine.train.step import ContrastiveStep
 from engine.train.threads import apply_threads
-from engine.train.validation import describe, evaluate_both_directions
-from models import ClipLoss, build_clip, load_text_config, load_vision_config
+from engine.train.validation import describe, validate_in_training
+from models import build_clip, load_text_config, load_vision_config
 from models.weights import VocabMismatchError, load_image_tower, load_text_tower
 
 log = logging.getLogger("clip")
@@ -56,10 +56,11 @@ class _LogWindow:
     loading + forward/backward/step only, not validation or saving."""
 
     def __init__(self):
-        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+        self.steps, self.loss, self.seconds, self.parts = 0, 0.0, 0.0, {}  # parts: the loss's, summed
 
-    def add(self, seconds: float, loss: float) -> None:
-        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, self.seconds + seconds
+    def add(self, seconds: float, result) -> None:
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + result.loss, self.seconds + seconds
+        self.parts = {k: self.parts.get(k, 0.0) + v for k, v in (result.parts or {}).items()}
 
 
 class Trainer:
@@ -69,6 +70,7 @@ class Trainer:
         self.tb: Optional[ScalarWriter] = None
         self.val = None  # (store, queries) of the validation split
         self.resume_plan = None  # resume.ResumePlan under --resume (set before the engine is built)
+        self.recipe = Recipe(cfg)  # loss, teacher, locked towers, lr decay (engine/train/recipe.py)
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -117,8 +119,7 @@ class Trainer:
                            vocab_size=self._vocab_size(), patch_dropout=cfg.speed.patch_dropout)
         if not cfg.resume:  # a resumed run takes every weight from its checkpoint
             self._load_weights(model)
-        if cfg.freeze_image_tower:
-            model.freeze_image_tower()
+        self.recipe.prepare_model(model, self.tokenizer, self.store, _DTYPES[cfg.ds.precision])  # bias, locks, teacher
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("model %s + %s: %.2fM parameters, %.2fM trainable", cfg.model, cfg.text_model,
@@ -130,7 +131,7 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         if on_gpu:  # the optimizer should see the parameters where they will live
             model.to(dist.device())
-        optimizer, opt_name = build_optimizer(param_groups(model, cfg.wd), cfg.lr, on_gpu,
+        optimizer, opt_name = build_optimizer(self.recipe.param_groups(model), cfg.lr, on_gpu,
                                               cfg.ds.offload_optimizer)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=scheduler_factory(cfg.warmup, total_steps),
@@ -159,7 +160,8 @@ class Trainer:
         steps_per_epoch, total_steps = self._count_steps(sampler)
         self.shares = SourceShares(self.dataset, sampler)  # each source's share of a mixture, for TensorBoard
         self.shape = resume.RunShape(cfg.world_size, cfg.ds.micro_batch, cfg.ds.grad_accum, len(self.dataset),
-                                     cfg.ds.zero_stage, cfg.ds.precision, cfg.sampling, mixture_record(self.dataset))
+                                     cfg.ds.zero_stage, cfg.ds.precision, cfg.sampling, mixture_record(self.dataset),
+                                     recipe=cfg.recipe.state_signature())
         # Checked (and converted for a new world size) before DeepSpeed loads anything.
         self.resume_plan = resume.prepare(cfg.resume, cfg.checkpoint_dir, self.shape) if cfg.resume else None
         self.engine = self._build_engine(model, total_steps)
@@ -250,7 +252,7 @@ class Trainer:
         """The contrastive step over this run's engine and loss; the hook before each update also reads
         the gradient norm where DeepSpeed does not report it (ZeRO 0 in fp32)."""
         cfg, engine = self.cfg, self.engine
-        loss_fn = ClipLoss(gather=dist.all_gather_with_grad, rank=dist.rank(), local_loss=cfg.local_loss)
+        loss_fn = self.recipe.loss_fn()  # CLIP's, SigLIP's or distillation's, collectives injected
         own_norm = cfg.ds.zero_stage == 0 and cfg.ds.precision == "fp32"
         self._own_norm = None
 
@@ -262,7 +264,8 @@ class Trainer:
                     torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
 
         return ContrastiveStep(engine, loss_fn, cfg.ds.grad_accum, exact=cfg.accumulation == "exact",
-                               step_index=lambda: engine.global_steps, before_last_step=before_update)
+                               step_index=lambda: engine.global_steps, before_last_step=before_update,
+                               teacher=self.recipe.teacher)
 
     def _loop(self, sampler, steps_per_epoch: int, epoch: int, start_step: int, end_step: int) -> Dict[str, Any]:
         cfg, engine = self.cfg, self.engine
@@ -285,7 +288,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     with self.watchdog.armed(f"step {step + 1}"):
                         result = stepper.run([next(it) for _ in range(cfg.ds.grad_accum)])
-                    self._window.add(time.perf_counter() - t0, result.loss)
+                    self._window.add(time.perf_counter() - t0, result)
                     step = engine.global_steps
                     state = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1}
                     last = {"loss": result.loss, "logit_scale": result.logit_scale}
@@ -348,42 +351,28 @@ class Trainer:
         step_time = elapsed / n_steps if n_steps else None
         scale16 = self._loss_scale() if cfg.ds.precision == "fp16" else None
         tflops, mfu = self.rate.figures(samples_s)
-        log.info("step %d/%d epoch %d loss %.4f lr %.3g logit_scale %.2f grad_norm %s %.1f samples/s%s%s",
+        recipe_text, recipe_scalars = self.recipe.report(self._window, engine.get_lr())  # parts, teacher, lr/tower
+        log.info("step %d/%d epoch %d loss %.4f lr %.3g logit_scale %.2f grad_norm %s %.1f samples/s%s%s%s",
                  step, end_step, epoch, loss, lr, logit_scale,
                  f"{norm:.3g}" if norm is not None else "n/a", samples_s or 0.0, self.rate.text(tflops, mfu),
-                 f" loss_scale {scale16:g}" if scale16 is not None else "")
+                 f" loss_scale {scale16:g}" if scale16 is not None else "", recipe_text)
         self.tb.add(step, {"train/loss": loss, "train/lr": lr, "train/logit_scale": logit_scale,
                            "train/grad_norm": norm, "train/loss_scale": scale16,
                            "train/samples_per_s": samples_s, "train/step_time_s": step_time,
-                           "train/tflops": tflops, "train/mfu": mfu, **self.shares.scalars()})
+                           "train/tflops": tflops, "train/mfu": mfu, **self.shares.scalars(), **recipe_scalars})
 
     def validate(self, step: int) -> Optional[Dict[str, float]]:
         """Full-pool recall both ways on the validation split (every rank takes part)."""
         if self.val is None:
             return None
-        cfg, engine = self.cfg, self.engine
-        store, queries = self.val
-        module = engine.module
+        cfg = self.cfg
         t0 = time.perf_counter()
-        module.eval()
-        try:
-            with torch.no_grad(), self._full_root_params():
-                metrics = evaluate_both_directions(module, store, queries, self.tokenizer, cfg.context_length,
-                                                   cfg.ds.micro_batch * 2, self.device, k=10)
-        finally:
-            module.train()
+        metrics = validate_in_training(self.engine.module, cfg.ds.zero_stage, *self.val, self.tokenizer,
+                                       cfg.context_length, cfg.ds.micro_batch * 2, self.device)
         log.info("step %d validation: %s in %.1fs", step, describe(metrics), time.perf_counter() - t0)
         self.tb.add(step, {f"val/{k}": v for k, v in metrics.items()})
         self.tb.flush()
         return metrics
-
-    def _full_root_params(self):
-        """Under ZeRO-3, the parameters held directly by the CLIP module (text_projection,
-        logit_scale) are only gathered inside its forward; encode_text/encode_image called on their
-        own need them gathered (submodules gather theirs through their hooks)."""
-        if self.cfg.ds.zero_stage != 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters(recurse=False)))
 
     def save(self, step: int, state: Dict[str, Any]) -> None:
         cfg = self.cfg

@@ -7,8 +7,10 @@ exact top-k engine with the roles swapped (images are the queries, texts the dat
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Sequence
 
+import deepspeed
 import numpy as np
 import torch
 
@@ -87,3 +89,25 @@ def describe(metrics: Dict[str, float]) -> str:
                  f"R@5 {metrics['i2t_r5']:.2f} R@10 {metrics['i2t_r10']:.2f}), "
                  f"both {metrics['mean_recall_both']:.2f}")
     return text
+
+
+def _full_root_params(module, zero_stage: int):
+    """Under ZeRO-3, the parameters held directly by the CLIP module (text_projection, logit_scale)
+    are only gathered inside its forward; encode_text/encode_image called on their own need them
+    gathered (submodules gather theirs through their hooks)."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)))
+
+
+def validate_in_training(module, zero_stage: int, store, queries, tokenizer, context_length: int,
+                         batch_size: int, device: torch.device) -> Dict[str, float]:
+    """evaluate_both_directions on the module a DeepSpeed engine trains (every rank takes part),
+    in eval mode and back to training mode after."""
+    module.eval()
+    try:
+        with torch.no_grad(), _full_root_params(module, zero_stage):
+            return evaluate_both_directions(module, store, queries, tokenizer, context_length, batch_size,
+                                            device, k=10)
+    finally:
+        module.train()

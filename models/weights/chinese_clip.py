@@ -43,9 +43,12 @@ def from_chinese_clip(checkpoint: Mapping, source: str = "Chinese-CLIP checkpoin
 
 def to_chinese_clip(state: Mapping[str, torch.Tensor], name: str = "converted", epoch: int = 0,
                     step: int = 0) -> dict:
-    """Ours -> Chinese-CLIP's checkpoint dict: `module.` prefix, 0-dim logit_scale (as cn_clip builds it)."""
+    """Ours -> Chinese-CLIP's checkpoint dict: `module.` prefix, 0-dim logit_scale (as cn_clip builds it).
+    The sigmoid loss's logit_bias is left out: cn_clip's model has no such parameter and loads strictly."""
     out = {}
     for key, value in state.items():
+        if key == "logit_bias":
+            continue
         value = value.detach().contiguous()
         out["module." + key] = value.reshape(()) if key == "logit_scale" else value
     return {"epoch": int(epoch), "step": int(step), "name": str(name), "state_dict": out}

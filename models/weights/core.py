@@ -113,10 +113,15 @@ def expected_shapes(vision: Union[str, PathLike, VisionConfig], text, vocab_size
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def expected_state(vision, text, vocab_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Our state dict for a pair of configs as meta tensors (shapes only, no memory)."""
+def expected_state(vision, text, vocab_size: Optional[int] = None,
+                   logit_bias: bool = False) -> Dict[str, torch.Tensor]:
+    """Our state dict for a pair of configs as meta tensors (shapes only, no memory); logit_bias: a model
+    trained with the sigmoid loss, which carries one."""
     with torch.device("meta"):
-        return build_clip(vision, text, vocab_size=vocab_size).state_dict()
+        model = build_clip(vision, text, vocab_size=vocab_size)
+        if logit_bias:
+            model.add_logit_bias()
+        return model.state_dict()
 
 
 def image_tower_shapes(vision: Union[str, PathLike, VisionConfig]) -> Dict[str, torch.Size]:

@@ -184,6 +184,8 @@ def export_hf(state: Mapping[str, torch.Tensor], vision: VisionConfig, text, fol
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise WeightConversionError(f"{folder}: exists and is not an empty directory")
+    # The sigmoid loss's bias has no place in a ChineseCLIPModel; retrieval never uses it.
+    state = {k: v for k, v in state.items() if k != "logit_bias"}
     check_keys(state, expected_shapes(vision, text), "state dict to export")
     hf_state = to_hf_state(state, vision)
     with torch.device("meta"):  # no random init of a second full model: the weights are assigned below

@@ -10,6 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import models
 from engine.loader.mixture import SourceShares
 from engine.train import flops
+from engine.train.recipe import Recipe
+from engine.train.recipe_settings import RecipeSettings
 from engine.train.threads import choose_threads
 from models.config import load_text_config, load_vision_config
 from models.vit import drop_patches, kept_patches
@@ -131,7 +133,7 @@ def test_log_step_reports_tflops_and_mfu(caplog):
     import types
 
     from engine.train.speed import SpeedSettings, Throughput
-    from engine.train.trainer import Trainer
+    from engine.train.trainer import Trainer, _LogWindow
 
     class TB:
         def __init__(self):
@@ -144,8 +146,9 @@ def test_log_step_reports_tflops_and_mfu(caplog):
                                 ds=types.SimpleNamespace(precision="bf16", global_batch=64))
     rate = Throughput(_tiny(), cfg)
     rate.peak = 100.0  # as on a device in the peak table
-    fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0), cfg=cfg,
-                                 rate=rate, tb=TB(), _loss_scale=lambda: None,
+    fake = types.SimpleNamespace(engine=types.SimpleNamespace(get_global_grad_norm=lambda: 1.0, get_lr=lambda: [1e-3]),
+                                 cfg=cfg, rate=rate, tb=TB(), _loss_scale=lambda: None, _window=_LogWindow(),
+                                 recipe=Recipe(types.SimpleNamespace(recipe=RecipeSettings())),
                                  shares=SourceShares(None, None))  # one data set: no share scalars
     with caplog.at_level(logging.INFO, logger="clip"):
         Trainer._log_step(fake, 10, 100, 0, 1.5, 1e-3, 14.3, None, n_steps=4, elapsed=2.0)
