@@ -18,8 +18,8 @@ Per size N:
   start-up a fresh process opens the result and reads its first micro-batch of 64 (global shuffle),
            time and RSS growth above `import torch` (the other K-1 output shards are copies of job
            0's, arrays hard-linked, so the manifest counts N pairs)
-  reader   samples/s reading one 10,000-sample tar: tarfile as data/images/shards.py reads it, tarfile
-           in stream mode, and webdataset's own tar iterator (what chose tarfile)
+  reader   samples/s reading one 10,000-sample tar: data/images/shards.py (its own tar reader), the
+           standard library's tarfile in stream mode, and webdataset's own tar iterator
 Everything is deleted at the end unless --keep.
 """
 import argparse
