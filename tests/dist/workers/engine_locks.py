@@ -15,17 +15,13 @@ from pathlib import Path
 
 import torch
 
-from data.images.datasets import PairDataset
-from data.images.store import ImageStore
-from data.images.transform import normalize_uint8
-from data.queries import read_queries, training_pairs
-from data.tokenizer import load_tokenizer
 from engine import dist
 from engine.train.optim import build_optimizer, param_groups
 from engine.train.recipe import apply_locks, prepare_logits
 from engine.train.recipe_settings import RecipeSettings
 from engine.train.step import ContrastiveStep
 from models import SigmoidLoss, build_clip
+from tests.dist.workers.engine_loss import open_test_pairs, stack_rows
 
 
 def adam_and_master_elements(engine):
@@ -42,10 +38,7 @@ def main(data_dir: str, out_dir: str) -> None:
 
     dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
     rank = dist.rank()
-    data = Path(data_dir)
-    store = ImageStore(data / "lmdb" / "train")
-    tok = load_tokenizer(data / "vocab.txt")
-    ds = PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
+    tok, store, ds = open_test_pairs(data_dir)
     recipe = RecipeSettings(loss="siglip", lock_image=True, lock_image_unlocked_layers=1, lock_text=True,
                             image_lr_decay=0.8, text_lr_decay=0.9)
     results = {}
@@ -62,9 +55,7 @@ def main(data_dir: str, out_dir: str) -> None:
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
         stepper = ContrastiveStep(engine, SigmoidLoss(dist.visit_blocks, rank, None), 2)
         for step in range(3):
-            rows = [ds[(step * 16 + rank * 8 + i) % len(ds)] for i in range(8)]
-            px = normalize_uint8(torch.stack([b["image"] for b in rows]), store.mean, store.std)
-            ids = torch.stack([b["input_ids"] for b in rows])
+            px, ids = stack_rows([ds[(step * 16 + rank * 8 + i) % len(ds)] for i in range(8)], store)
             stepper.run([(px[:4], ids[:4]), (px[4:], ids[4:])])
         now = dict(engine.module.named_parameters())
         adam, master = adam_and_master_elements(engine)

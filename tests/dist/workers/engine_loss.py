@@ -31,6 +31,19 @@ from models import ClipLoss, build_clip, load_text_config
 WORLD_ROWS = 16  # the global batch: 2 ranks x 8 rows, or 2 ranks x 2 micro-batches x 4 rows
 
 
+def open_test_pairs(data_dir):
+    """(tokenizer, image store, training pairs at context 16) of the tests' tiny data set."""
+    data = Path(data_dir)
+    store, tok = ImageStore(data / "lmdb" / "train"), load_tokenizer(data / "vocab.txt")
+    return tok, store, PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
+
+
+def stack_rows(rows, store):
+    """(normalised pixels, input ids) of data set rows, as one batch."""
+    return (normalize_uint8(torch.stack([b["image"] for b in rows]), store.mean, store.std),
+            torch.stack([b["input_ids"] for b in rows]))
+
+
 def flat_grads(model):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
                       for p in model.parameters()])
@@ -72,13 +85,8 @@ def main(data_dir: str, out_dir: str) -> None:
     dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
     rank, world = dist.rank(), dist.world_size()
     assert world == 2, "this worker expects 2 ranks"
-    data = Path(data_dir)
-    store = ImageStore(data / "lmdb" / "train")
-    tok = load_tokenizer(data / "vocab.txt")
-    ds = PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
-    batch = [ds[i] for i in range(WORLD_ROWS)]
-    pixels = normalize_uint8(torch.stack([b["image"] for b in batch]), store.mean, store.std)
-    ids = torch.stack([b["input_ids"] for b in batch])
+    tok, store, ds = open_test_pairs(data_dir)
+    pixels, ids = stack_rows([ds[i] for i in range(WORLD_ROWS)], store)
 
     torch.manual_seed(0)
     ref = build_clip("ViT-tiny-test", "BERT-tiny-test", vocab_size=len(tok.get_vocab()))

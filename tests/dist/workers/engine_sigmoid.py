@@ -16,16 +16,11 @@ from pathlib import Path
 
 import torch
 
-from data.images.datasets import PairDataset
-from data.images.store import ImageStore
-from data.images.transform import normalize_uint8
-from data.queries import read_queries, training_pairs
-from data.tokenizer import load_tokenizer
 from engine import dist
 from engine.train.step import ContrastiveStep
 from models import build_clip
 from models.sigmoid_loss import SigmoidLoss, dense_sigmoid_loss
-from tests.dist.workers.engine_loss import flat_grads, make_engine, rel_err
+from tests.dist.workers.engine_loss import flat_grads, make_engine, open_test_pairs, rel_err, stack_rows
 
 WORLD_ROWS = 16
 
@@ -34,13 +29,8 @@ def main(data_dir: str, out_dir: str) -> None:
     dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
     rank, world = dist.rank(), dist.world_size()
     assert world == 2, "this worker expects 2 ranks"
-    data = Path(data_dir)
-    store = ImageStore(data / "lmdb" / "train")
-    tok = load_tokenizer(data / "vocab.txt")
-    ds = PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
-    batch = [ds[i] for i in range(WORLD_ROWS)]
-    pixels = normalize_uint8(torch.stack([b["image"] for b in batch]), store.mean, store.std)
-    ids = torch.stack([b["input_ids"] for b in batch])
+    tok, store, ds = open_test_pairs(data_dir)
+    pixels, ids = stack_rows([ds[i] for i in range(WORLD_ROWS)], store)
 
     torch.manual_seed(0)
     ref = build_clip("ViT-tiny-test", "BERT-tiny-test", vocab_size=len(tok.get_vocab()))
