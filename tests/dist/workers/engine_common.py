@@ -1,5 +1,6 @@
-"""Shared by the engine's multi-process tests: a tiny real data set (synthetic MUGE files -> LMDB)
-and the command line of launch/train.py on it with the tiny test models."""
+"""Shared by the engine's multi-process tests: a tiny real data set (synthetic MUGE files -> LMDB),
+a rank worker's join and batches of that data set, and the command line of launch/train.py on it
+with the tiny test models."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,37 @@ def make_data(root: Path, train_images: int = 96, valid_images: int = 40, seed: 
     return {"train_data": str(root / "train_queries.jsonl"), "train_img": str(root / "lmdb" / "train"),
             "val_data": str(root / "valid_queries.jsonl"), "val_img": str(root / "lmdb" / "valid"),
             "vocab": str(root / "vocab.txt")}
+
+
+def join_two_ranks() -> int:
+    """A rank worker joins its group through DeepSpeed (as the trainer does); returns its rank."""
+    from engine import dist
+
+    dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
+    assert dist.world_size() == 2, "this worker expects 2 ranks"
+    return dist.rank()
+
+
+def open_test_pairs(data_dir):
+    """(tokenizer, image store, training pairs at context 16) of make_data's data set."""
+    from data.images.datasets import PairDataset
+    from data.images.store import ImageStore
+    from data.queries import read_queries, training_pairs
+    from data.tokenizer import load_tokenizer
+
+    data = Path(data_dir)
+    store, tok = ImageStore(data / "lmdb" / "train"), load_tokenizer(data / "vocab.txt")
+    return tok, store, PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
+
+
+def stack_rows(rows, store):
+    """(normalised pixels, input ids) of data set rows, as one batch."""
+    import torch
+
+    from data.images.transform import normalize_uint8
+
+    return (normalize_uint8(torch.stack([b["image"] for b in rows]), store.mean, store.std),
+            torch.stack([b["input_ids"] for b in rows]))
 
 
 def write_ds(path: Path, stage: int = 0, micro: int = 8, gas: int = 1, precision: str = "fp32",

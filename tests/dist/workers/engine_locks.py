@@ -21,7 +21,7 @@ from engine.train.recipe import apply_locks, prepare_logits
 from engine.train.recipe_settings import RecipeSettings
 from engine.train.step import ContrastiveStep
 from models import SigmoidLoss, build_clip
-from tests.dist.workers.engine_loss import open_test_pairs, stack_rows
+from tests.dist.workers.engine_common import join_two_ranks, open_test_pairs, stack_rows
 
 
 def adam_and_master_elements(engine):
@@ -36,8 +36,7 @@ def adam_and_master_elements(engine):
 def main(data_dir: str, out_dir: str) -> None:
     import deepspeed
 
-    dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
-    rank = dist.rank()
+    rank = join_two_ranks()
     tok, store, ds = open_test_pairs(data_dir)
     recipe = RecipeSettings(loss="siglip", lock_image=True, lock_image_unlocked_layers=1, lock_text=True,
                             image_lr_decay=0.8, text_lr_decay=0.9)

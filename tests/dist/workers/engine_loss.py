@@ -19,29 +19,12 @@ from pathlib import Path
 
 import torch
 
-from data.images.datasets import PairDataset
-from data.images.transform import normalize_uint8
-from data.images.store import ImageStore
-from data.queries import read_queries, training_pairs
-from data.tokenizer import load_tokenizer
 from engine import dist
 from engine.train.step import ContrastiveStep
 from models import ClipLoss, build_clip, load_text_config
+from tests.dist.workers.engine_common import join_two_ranks, open_test_pairs, stack_rows
 
 WORLD_ROWS = 16  # the global batch: 2 ranks x 8 rows, or 2 ranks x 2 micro-batches x 4 rows
-
-
-def open_test_pairs(data_dir):
-    """(tokenizer, image store, training pairs at context 16) of the tests' tiny data set."""
-    data = Path(data_dir)
-    store, tok = ImageStore(data / "lmdb" / "train"), load_tokenizer(data / "vocab.txt")
-    return tok, store, PairDataset(training_pairs(read_queries(data / "train_queries.jsonl")), store, tok, 16)
-
-
-def stack_rows(rows, store):
-    """(normalised pixels, input ids) of data set rows, as one batch."""
-    return (normalize_uint8(torch.stack([b["image"] for b in rows]), store.mean, store.std),
-            torch.stack([b["input_ids"] for b in rows]))
 
 
 def flat_grads(model):
@@ -82,9 +65,7 @@ class Recorder:
 
 
 def main(data_dir: str, out_dir: str) -> None:
-    dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
-    rank, world = dist.rank(), dist.world_size()
-    assert world == 2, "this worker expects 2 ranks"
+    rank, world = join_two_ranks(), 2
     tok, store, ds = open_test_pairs(data_dir)
     pixels, ids = stack_rows([ds[i] for i in range(WORLD_ROWS)], store)
 

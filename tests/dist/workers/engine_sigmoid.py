@@ -20,15 +20,14 @@ from engine import dist
 from engine.train.step import ContrastiveStep
 from models import build_clip
 from models.sigmoid_loss import SigmoidLoss, dense_sigmoid_loss
-from tests.dist.workers.engine_loss import flat_grads, make_engine, open_test_pairs, rel_err, stack_rows
+from tests.dist.workers.engine_common import join_two_ranks, open_test_pairs, stack_rows
+from tests.dist.workers.engine_loss import flat_grads, make_engine, rel_err
 
 WORLD_ROWS = 16
 
 
 def main(data_dir: str, out_dir: str) -> None:
-    dist.init_distributed(use_deepspeed=True, always=True, timeout_s=60)
-    rank, world = dist.rank(), dist.world_size()
-    assert world == 2, "this worker expects 2 ranks"
+    rank, world = join_two_ranks(), 2
     tok, store, ds = open_test_pairs(data_dir)
     pixels, ids = stack_rows([ds[i] for i in range(WORLD_ROWS)], store)
 
