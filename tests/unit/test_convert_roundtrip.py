@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from models import build_clip
-from models.weights.model_file import make_record, save_model_file
-from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split, save_tiny_model_file
 from tests.ranks import REPO, base_env
 from tests.unit.test_convert import load_cli
 
@@ -23,12 +22,8 @@ def run(tmp_path_factory):
     """A run's model_fp32.pt whose text tower has the tokenizer's 36 tokens (its config says 128)."""
     root = tmp_path_factory.mktemp("roundtrip")
     d = build_tiny_split(root, n_images=2, n_queries=1)
-    state = torch.load(d["weights"], weights_only=True)
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
     assert d["vocab_size"] == 36 and build_clip(VISION, TEXT).text_config.vocab_size == 128
-    image = {"resolution": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"}
-    save_model_file(state, make_record(model.vision_config, model.text_config, d["vocab"], 16, image),
-                    root / "run" / "model_fp32.pt")
+    state = save_tiny_model_file(d, root / "run" / "model_fp32.pt", 16)
     d.update(run=root / "run", state=state)
     return d
 

@@ -118,11 +118,7 @@ def test_zero_shot_and_onnx_commands_run_as_written(tmp_path):
     import json
     import shutil
 
-    import torch
-
-    from models import build_clip
-    from models.weights.model_file import make_record, save_model_file
-    from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+    from tests.dist.workers.extract_fixture import build_tiny_split, save_tiny_model_file
     from tests.ranks import base_env
 
     cmds = [c for _, c in bash_commands((REPO / "docs" / "zero-shot-and-onnx.md").read_text("utf-8"))
@@ -130,11 +126,7 @@ def test_zero_shot_and_onnx_commands_run_as_written(tmp_path):
     assert len(cmds) == 2, cmds
     d = build_tiny_split(tmp_path / "src", n_images=6, n_queries=2)
     shutil.copytree(d["lmdb"], tmp_path / "DATA" / "lmdb" / "valid")
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
-    image = {"resolution": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"}
-    save_model_file(torch.load(d["weights"], weights_only=True),
-                    make_record(model.vision_config, model.text_config, d["vocab"], 24, image),
-                    tmp_path / "logs" / "run1" / "model_fp32.pt")
+    save_tiny_model_file(d, tmp_path / "logs" / "run1" / "model_fp32.pt")
     (tmp_path / "classes.txt").write_text("红色\n蓝色\n", encoding="utf-8")
     from data.images.store import ImageStore
 

@@ -121,11 +121,7 @@ def test_gallery_shows_correct_images_that_were_not_retrieved(gallery_inputs):
 
 
 def test_failures_only_and_the_run_named_as_every_tool_names_it(gallery_inputs, capsys):
-    import torch
-
-    from models import build_clip
-    from models.weights.model_file import make_record, save_model_file
-    from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+    from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split, save_tiny_model_file
 
     tmp, *_ = gallery_inputs
     run = tmp / "logs" / "my_run"
@@ -133,10 +129,7 @@ def test_failures_only_and_the_run_named_as_every_tool_names_it(gallery_inputs, 
                              "--images", str(tmp / "lmdb"), "--output", str(tmp / "g.html"), "--run", str(run)])
     assert code == 2 and "--run" in capsys.readouterr().err  # not a run of train.py --export: refused
     d = build_tiny_split(tmp / "model", n_images=2, n_queries=1)
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
-    image = {"resolution": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"}
-    save_model_file(torch.load(d["weights"], weights_only=True),
-                    make_record(model.vision_config, model.text_config, d["vocab"], 24, image), run / "model_fp32.pt")
+    save_tiny_model_file(d, run / "model_fp32.pt")
     page = _page(tmp, "--failures-only", "--run", str(run))
     assert page.queries == [3]  # the only query with no correct image in its top 10
     # The run's name and what its model is, read from its record.

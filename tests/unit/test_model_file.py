@@ -11,22 +11,18 @@ from data.images.store import ImageStore
 from engine.inference.model import load_model
 from launch.extract import main as extract_main
 from models import build_clip
-from models.weights.model_file import FORMAT, make_record, save_model_file, vocab_sha256
-from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+from models.weights.model_file import FORMAT, vocab_sha256
+from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split, save_tiny_model_file
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     d = build_tiny_split(root)
-    state = torch.load(d["weights"], weights_only=True)
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
     store = ImageStore(d["lmdb"])
     image = {"resolution": store.resolution, "mean": store.mean, "std": store.std, "resize": store.resize}
     store.close()
-    record = make_record(model.vision_config, model.text_config, d["vocab"], 24, image)
-    (root / "run").mkdir()
-    save_model_file(state, record, root / "run" / "model_fp32.pt")
+    state = save_tiny_model_file(d, root / "run" / "model_fp32.pt", 24, image)
     d.update(root=root, model_file=root / "run" / "model_fp32.pt", run=root / "run", state=state)
     return d
 

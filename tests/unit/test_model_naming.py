@@ -16,8 +16,7 @@ from engine.train.config import build_config
 from engine.train.flags import parse_args
 from launch.zeroshot import main as zeroshot_main
 from models import build_clip
-from models.weights.model_file import make_record, save_model_file
-from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split, save_tiny_model_file
 
 CONTEXT = 24
 
@@ -26,14 +25,11 @@ CONTEXT = 24
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("naming")
     d = build_tiny_split(root)
-    state = torch.load(d["weights"], weights_only=True)
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
     store = ImageStore(d["lmdb"])
     image = {"resolution": store.resolution, "mean": store.mean, "std": store.std, "resize": store.resize}
     ids = store.ids()
     store.close()
-    save_model_file(state, make_record(model.vision_config, model.text_config, d["vocab"], CONTEXT, image),
-                    root / "run" / "model_fp32.pt")
+    state = save_tiny_model_file(d, root / "run" / "model_fp32.pt", CONTEXT, image)
     classes = [c for c, _ in COLOURS]
     (root / "classes.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
     with open(root / "labels.jsonl", "w", encoding="utf-8") as f:

@@ -13,8 +13,7 @@ from PIL import Image
 from data.images.transform import normalize_uint8, preprocess_image
 from data.tokenizer import load_tokenizer, tokenize
 from models import build_clip
-from models.weights.model_file import make_record, save_model_file
-from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split
+from tests.dist.workers.extract_fixture import TEXT, VISION, build_tiny_split, save_tiny_model_file
 from tests.ranks import REPO
 
 
@@ -26,11 +25,9 @@ def readme_block():
 
 def test_readme_snippet_encodes_a_query_and_an_image(tmp_path):
     d = build_tiny_split(tmp_path, n_images=2, n_queries=1)
-    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
     image = {"resolution": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "resize": "squash"}
-    state = torch.load(d["weights"], weights_only=True)
-    save_model_file(state, make_record(model.vision_config, model.text_config, d["vocab"], 20, image),
-                    tmp_path / "run" / "model_fp32.pt")
+    state = save_tiny_model_file(d, tmp_path / "run" / "model_fp32.pt", 20, image)
+    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
     photo = tmp_path / "photo.jpg"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(photo)

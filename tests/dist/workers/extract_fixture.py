@@ -50,3 +50,18 @@ def load_tiny_model(root: Path):
     model = build_clip(VISION, TEXT, vocab_size=n)
     model.load_state_dict(torch.load(root / "weights.pt", weights_only=True))
     return model
+
+
+SQUASH_32 = {"resolution": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"}
+
+
+def save_tiny_model_file(d: dict, path: Path, context: int = 24, image: dict = SQUASH_32) -> dict:
+    """build_tiny_split's weights as our model file (the record train.py --export writes) at `path`;
+    returns the state dict."""
+    from models import build_clip
+    from models.weights.model_file import make_record, save_model_file
+
+    state = torch.load(d["weights"], weights_only=True)
+    model = build_clip(VISION, TEXT, vocab_size=d["vocab_size"])
+    save_model_file(state, make_record(model.vision_config, model.text_config, d["vocab"], context, image), path)
+    return state
