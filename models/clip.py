@@ -61,6 +61,12 @@ class CLIP(nn.Module):
         """Give the model the sigmoid loss's learnable bias (shape [1], state-dict key `logit_bias`)."""
         self.logit_bias = nn.Parameter(torch.full([1], float(value), device=self.logit_scale.device))
 
+    def add_logit_bias_if_in(self, state) -> None:
+        """Weights trained with the sigmoid loss carry its bias: add the parameter they load into (the
+        training recipe then keeps or drops it)."""
+        if "logit_bias" in state and self.logit_bias is None:
+            self.add_logit_bias()
+
     def start_sigmoid_logits(self) -> None:
         """SigLIP's starting point for its logits: a bias of -10 and a scale of 10 (a softmax-trained
         temperature, often 100, with that bias would call every pair a match at first)."""

@@ -67,8 +67,7 @@ def load_model(weights: Optional[str] = None, run: Optional[str] = None, model: 
 
     src = open_model(weights, run, model, text_model, vocab, context_length, need_weights=need_weights)
     clip = CLIP(src.vision, src.text)
-    if src.state is not None and "logit_bias" in src.state:  # trained with the sigmoid loss
-        clip.add_logit_bias()
     if src.state is not None:
+        clip.add_logit_bias_if_in(src.state)
         clip.load_state_dict(src.state, strict=True)  # open_model checked every key and shape
     return LoadedModel(clip.eval(), src.tokenizer, src.context_length, src.image, src.path, src.record)

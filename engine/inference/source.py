@@ -258,8 +258,7 @@ def load_weights_into(model, weights: str, flags: Flags = TRAIN_FLAGS) -> str:
         raise InputError(f"{path}: its {desc.what} says vision {desc.vision.to_dict()}, text "
                          f"{_arch(desc.text)}; the model is vision {model.vision_config.to_dict()}, text "
                          f"{_arch(model.text_config)}")
-    if "logit_bias" in state and model.logit_bias is None:
-        model.add_logit_bias()  # trained with the sigmoid loss: the recipe keeps or drops the bias
+    model.add_logit_bias_if_in(state)
     check_architecture(state, model.state_dict(), str(path))
     model.load_state_dict(state, strict=True)
     return str(report)

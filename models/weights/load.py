@@ -99,8 +99,7 @@ def load_pretrained_clip(model: nn.Module, path: PathLike) -> str:
             raise WeightConversionError(f"{path}: vision heads/act {vision.vision_heads}/{vision.act} differ "
                                         f"from the model's {model.vision_config.vision_heads}/{model.vision_config.act}")
         check_text_compatible(model.bert.config, text, str(path))
-    if "logit_bias" in state and getattr(model, "logit_bias", 0) is None:
-        model.add_logit_bias()  # weights trained with the sigmoid loss carry its bias: keep it
+    model.add_logit_bias_if_in(state)
     check_architecture(state, model.state_dict(), str(path))
     _copy_into(model, state)
     return str(report)
