@@ -53,10 +53,6 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enabled)
         set_bert_checkpointing(self.bert, enabled)
 
-    def freeze_image_tower(self) -> None:
-        for p in self.visual.parameters():
-            p.requires_grad_(False)
-
     def add_logit_bias(self, value: float = SIGMOID_LOGIT_BIAS_INIT) -> None:
         """Give the model the sigmoid loss's learnable bias (shape [1], state-dict key `logit_bias`)."""
         self.logit_bias = nn.Parameter(torch.full([1], float(value), device=self.logit_scale.device))

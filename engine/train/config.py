@@ -36,7 +36,6 @@ class TrainConfig:
     clip_weight_path: Optional[str]
     bert_weight_path: Optional[str]
     init_from: Optional[str]
-    freeze_image_tower: bool
     grad_checkpointing: bool
     epochs: int
     max_steps: int
@@ -244,7 +243,7 @@ def build_config(args: argparse.Namespace, world_size: Optional[int] = None,
         shard_local=args.shard_local,
         model=args.model, text_model=args.text_model, clip_weight_path=args.clip_weight_path,
         bert_weight_path=args.bert_weight_path, init_from=args.init_from,
-        freeze_image_tower=args.freeze_image_tower, grad_checkpointing=args.grad_checkpointing,
+        grad_checkpointing=args.grad_checkpointing,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, wd=args.wd, warmup=args.warmup,
         seed=args.seed, local_loss=args.local_loss, accumulation=args.accumulation, logs=args.logs,
         name=run_name, save_frequency=args.save_frequency, save_every_steps=args.save_every_steps,

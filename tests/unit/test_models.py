@@ -19,6 +19,7 @@ import models
 from tests.unit.tiny_inputs import perturb_, token_batch
 from models import fused
 from models.config import load_text_config, load_vision_config
+from models.towers import lock_tower
 from models.vit import Attention, ResidualAttentionBlock, VisionConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -281,7 +282,7 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients():
 
 def test_freeze_image_tower():
     m = tiny().train()
-    m.freeze_image_tower()
+    lock_tower(m, "image", lock_projection=True)  # what --freeze-image-tower asks (engine.train.recipe)
     grads = _grads(m)
     assert all(grads[n] is None for n in grads if n.startswith("visual."))
     assert all(grads[n] is not None for n in grads if not n.startswith("visual."))

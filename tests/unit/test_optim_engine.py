@@ -7,6 +7,7 @@ import torch
 
 from engine.train.optim import BETAS, WarmupCosine, build_optimizer, param_groups, scheduler_factory
 from models import build_clip
+from models.towers import lock_tower
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_no_decay_on_biases_norms_embeddings_and_logit_scale(model):
 
 def test_frozen_image_tower_is_left_out():
     m = build_clip("ViT-tiny-test", "BERT-tiny-test")
-    m.freeze_image_tower()
+    lock_tower(m, "image", lock_projection=True)  # what --freeze-image-tower asks (engine.train.recipe)
     names = set().union(*(_names(m, g) for g in param_groups(m, 0.1)))
     assert not any(n.startswith("visual.") for n in names)
     assert "text_projection" in names and "logit_scale" in names
