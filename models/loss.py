@@ -28,8 +28,12 @@ def contrastive_loss(image_rows: torch.Tensor, text_rows: torch.Tensor, image_co
     if image_cols.shape[0] != text_cols.shape[0] or row_offset + n > image_cols.shape[0] or row_offset < 0:
         raise ValueError(f"rows {row_offset}..{row_offset + n} do not fit {image_cols.shape[0]} image / "
                          f"{text_cols.shape[0]} text columns")
-    logits_i2t, logits_t2i = clip_logits(image_rows, text_rows, image_cols, text_cols, logit_scale)
-    labels = torch.arange(row_offset, row_offset + n, device=image_rows.device)
+    return _both_ways(*clip_logits(image_rows, text_rows, image_cols, text_cols, logit_scale), row_offset)
+
+
+def _both_ways(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor, row_offset: int) -> torch.Tensor:
+    """The mean of the two directions' cross-entropies; row i's positive is column row_offset + i."""
+    labels = torch.arange(row_offset, row_offset + logits_i2t.shape[0], device=logits_i2t.device)
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
@@ -90,8 +94,7 @@ class DistillLoss(ClipLoss):
                 teacher_logit_scale: torch.Tensor) -> torch.Tensor:
         *rows_and_cols, offset = self._rows_and_cols(image_features, text_features)
         i2t, t2i = clip_logits(*rows_and_cols, logit_scale)
-        labels = torch.arange(offset, offset + i2t.shape[0], device=i2t.device)
-        contrastive = (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
+        contrastive = _both_ways(i2t, t2i, offset)
         with torch.no_grad():
             *teacher_rows_and_cols, _ = self._rows_and_cols(teacher_image_features, teacher_text_features)
             teacher_i2t, teacher_t2i = clip_logits(*teacher_rows_and_cols, teacher_logit_scale)

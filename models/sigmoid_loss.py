@@ -49,8 +49,8 @@ def _column_chunks(block: torch.Tensor, chunk: int):
 
 
 def _own_pairs(z: torch.Tensor, start: int) -> torch.Tensor:
-    """The logits of the positive pairs in a chunk of this rank's own block: row i's own text is
-    column i, so chunk columns [start, start + c) hold the pairs of rows start..start + c - 1."""
+    """The logits of the positive pairs in a chunk of this rank's own block (a view of z): row i's own
+    text is column i, so chunk columns [start, start + c) hold the pairs of rows start..start + c - 1."""
     c = min(z.shape[1], z.shape[0] - start)
     return z[start:start + c].diagonal() if c > 0 else z.new_zeros(0)
 
@@ -94,9 +94,7 @@ class _ChunkedSigmoid(torch.autograd.Function):
                 raw = images @ cols.t()                       # the chunk's cosines, made again
                 dz = torch.sigmoid(raw * s + b)
                 if owner == ctx.rank:
-                    c = min(dz.shape[1], n - start)
-                    if c > 0:
-                        dz[start:start + c].diagonal().sub_(1.0)
+                    _own_pairs(dz, start).sub_(1.0)
                 dz.mul_(g)                                    # dL/dz of this chunk
                 d_scale = d_scale + (dz * raw).sum().double()
                 d_bias = d_bias + dz.sum().double()
